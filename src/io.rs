@@ -129,7 +129,11 @@ impl HostTensor {
     /// Fails unless the shape equals `expected`.
     pub fn expect_shape(&self, expected: &[usize]) -> Result<&Self> {
         if self.shape != expected {
-            return Err(Error::shape(&self.name, format!("{expected:?}"), &self.shape));
+            return Err(Error::shape(
+                &self.name,
+                format!("{expected:?}"),
+                &self.shape,
+            ));
         }
         Ok(self)
     }
