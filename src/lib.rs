@@ -9,3 +9,5 @@ pub mod tensor;
 
 pub use error::{Error, Result};
 pub use tensor::Matrix;
+pub mod gpu;
+pub mod kernels;

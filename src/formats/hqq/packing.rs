@@ -63,17 +63,25 @@ impl Packing {
         Ok(rows / self.per_element)
     }
 
+    /// Width of one field in storage: 5- and 6-bit codes take a whole byte.
+    pub fn field_bits(&self) -> u32 {
+        match self.per_element {
+            1 => 8,
+            _ => self.nbits,
+        }
+    }
+
     /// Bit shift of slab `j` inside a stored element.
     pub fn shift(&self, slab: usize) -> u32 {
         if self.nbits == 3 {
             27 - 3 * slab as u32
         } else {
-            8 - self.nbits * (slab as u32 + 1)
+            8 - self.field_bits() * (slab as u32 + 1)
         }
     }
 
     pub fn mask(&self) -> u32 {
-        (1u32 << self.nbits.min(8)) - 1
+        (1u32 << self.field_bits()) - 1
     }
 }
 

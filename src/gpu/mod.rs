@@ -1,0 +1,9 @@
+//! The GPU side: device context, buffers, the shader registry and pipeline cache, timing.
+
+pub mod buffers;
+pub mod context;
+pub mod shaders;
+pub mod timing;
+
+pub use buffers::{ActDtype, GpuTensor};
+pub use context::GpuContext;

@@ -1,0 +1,59 @@
+//! GPU time of a recorded workload from timestamp queries at compute-pass boundaries.
+
+use crate::error::{Error, Result};
+use crate::gpu::GpuContext;
+use crate::gpu::buffers::read_buffer;
+
+/// Runs `record` inside one timestamped compute pass, `repeats` times in separate submissions,
+/// and returns the GPU time of each run in microseconds.
+pub fn time_pass(
+    ctx: &GpuContext,
+    repeats: usize,
+    record: impl Fn(&mut wgpu::ComputePass<'_>),
+) -> Result<Vec<f64>> {
+    if !ctx.has_timestamps() {
+        return Err(Error::Unsupported(
+            "GPU timing needs TIMESTAMP_QUERY".into(),
+        ));
+    }
+    let queries = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+        label: Some("timing"),
+        ty: wgpu::QueryType::Timestamp,
+        count: 2,
+    });
+    let resolve = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("timestamps"),
+        size: 16,
+        usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    });
+    let period = ctx.queue.get_timestamp_period() as f64;
+    let mut times = Vec::with_capacity(repeats);
+    for _ in 0..repeats {
+        ctx.submit(|enc| {
+            {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("timed"),
+                    timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                        query_set: &queries,
+                        beginning_of_pass_write_index: Some(0),
+                        end_of_pass_write_index: Some(1),
+                    }),
+                });
+                record(&mut pass);
+            }
+            enc.resolve_query_set(&queries, 0..2, &resolve, 0);
+        })?;
+        let bytes = read_buffer(ctx, &resolve, 16)?;
+        let t: &[u64] = bytemuck::cast_slice(&bytes);
+        times.push(t[1].saturating_sub(t[0]) as f64 * period / 1000.0);
+    }
+    Ok(times)
+}
+
+/// The median of a non-empty sample.
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}

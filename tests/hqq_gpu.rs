@@ -1,0 +1,136 @@
+//! HQQ kernels on the GPU against the CPU reference: golden dequantization, and random layers
+//! through both matmul paths.
+
+mod common;
+
+use common::{golden_dir, gpu, random_matrix};
+use quantadapt::formats::QuantFormat;
+use quantadapt::formats::hqq::{ComputeDtype, HqqConfig, HqqWeight};
+use quantadapt::gpu::{ActDtype, GpuTensor};
+use quantadapt::io::TensorFile;
+use quantadapt::kernels::MatmulPath;
+use quantadapt::kernels::hqq::GpuHqq;
+use quantadapt::tensor::{Matrix, max_rel_error};
+
+#[test]
+fn gpu_dequant_matches_hqq_golden_bit_for_bit() {
+    let text = std::fs::read_to_string(golden_dir().join("manifest.json")).unwrap();
+    let manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut checked = 0;
+    for case in manifest["cases"].as_array().unwrap() {
+        if case["kind"] != "hqq_quant" {
+            continue;
+        }
+        let name = case["name"].as_str().unwrap();
+        let meta = &case["meta"];
+        let file = TensorFile::open(golden_dir().join(name).join("tensors.safetensors")).unwrap();
+        let u = |k: &str| meta[k].as_u64().unwrap() as usize;
+        let w = HqqWeight::from_parts(
+            meta["shape"][0].as_u64().unwrap() as usize,
+            meta["shape"][1].as_u64().unwrap() as usize,
+            u("nbits") as u32,
+            u("group_size"),
+            u("axis"),
+            file.get("W_q_opt").unwrap().bytes.clone(),
+            file.get("scale_opt").unwrap().to_f32().unwrap(),
+            file.get("zero_opt").unwrap().to_f32().unwrap(),
+            None,
+            ComputeDtype::F32,
+        )
+        .unwrap();
+        let ours = GpuHqq::upload(gpu(), &w)
+            .unwrap()
+            .dequantize(gpu())
+            .unwrap();
+        let reference = file.get("W_deq_opt").unwrap().to_f32().unwrap();
+        let bad = ours
+            .data
+            .iter()
+            .zip(&reference)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(bad, 0, "{name}: {bad} dequantized values differ");
+        checked += 1;
+    }
+    assert!(checked >= 80);
+}
+
+fn check_layer(out: usize, inp: usize, config: HqqConfig, rows: &[usize]) {
+    let ctx = gpu();
+    let weight = random_matrix(out, inp, 0.05);
+    let bias = random_matrix(1, out, 0.1).data;
+    let w = HqqWeight::quantize(&weight, Some(bias), &config).unwrap();
+    let gw = GpuHqq::upload(ctx, &w).unwrap();
+    let deq = gw.dequantize(ctx).unwrap();
+    assert_eq!(deq.data, w.dequantize().data, "dequant {config:?}");
+    for &m in rows {
+        let x = random_matrix(m, inp, 1.0);
+        let expected = w.forward_cpu(&x).unwrap();
+        for act in [ActDtype::F32, ActDtype::F16] {
+            let xin = match act {
+                ActDtype::F32 => x.clone(),
+                ActDtype::F16 => {
+                    let mut r = x.clone();
+                    r.round_to_f16();
+                    r
+                }
+            };
+            let expected = match act {
+                ActDtype::F32 => expected.clone(),
+                ActDtype::F16 => w.forward_cpu(&xin).unwrap(),
+            };
+            let tol = if act == ActDtype::F32 { 1e-4 } else { 5e-3 };
+            let paths: &[MatmulPath] = if m <= 8 {
+                &[MatmulPath::Gemv, MatmulPath::Tiled]
+            } else {
+                &[MatmulPath::Tiled]
+            };
+            for &path in paths {
+                let xt = GpuTensor::upload(ctx, &xin, act).unwrap();
+                let y: Matrix = gw
+                    .forward_with(ctx, &xt, path)
+                    .unwrap()
+                    .download(ctx)
+                    .unwrap();
+                let err = max_rel_error(&y.data, &expected.data);
+                assert!(err < tol, "{config:?} m={m} {act:?} {path:?}: error {err}");
+            }
+        }
+    }
+}
+
+#[test]
+fn gpu_matmul_matches_cpu_for_every_bit_width_and_axis() {
+    for nbits in [8, 4, 3, 2, 1] {
+        for axis in [0, 1] {
+            // 32 x 80 with groups of 32: groups straddle rows on axis 1.
+            let mut config = HqqConfig::new(nbits, 32, axis);
+            config.optimize = nbits == 4;
+            check_layer(32, 80, config, &[1, 5, 19]);
+        }
+    }
+}
+
+#[test]
+fn gpu_matmul_rounds_like_f16_and_bf16_compute() {
+    for dtype in [ComputeDtype::F16, ComputeDtype::BF16] {
+        let mut config = HqqConfig::new(4, 64, 1);
+        config.compute_dtype = dtype;
+        check_layer(40, 128, config, &[2, 17]);
+    }
+}
+
+#[test]
+fn gpu_matmul_at_larger_shapes() {
+    check_layer(256, 512, HqqConfig::new(4, 64, 1), &[1, 8, 70]);
+}
+
+#[test]
+fn mismatched_input_is_an_error_not_a_panic() {
+    let ctx = gpu();
+    let w =
+        HqqWeight::quantize(&random_matrix(16, 64, 0.1), None, &HqqConfig::new(4, 64, 1)).unwrap();
+    let gw = GpuHqq::upload(ctx, &w).unwrap();
+    let x = GpuTensor::upload(ctx, &random_matrix(2, 32, 1.0), ActDtype::F32).unwrap();
+    assert!(gw.forward(ctx, &x).is_err());
+}
