@@ -4,6 +4,7 @@ pub mod buffers;
 pub mod context;
 pub mod shaders;
 pub mod timing;
+pub mod validate;
 
 pub use buffers::{ActDtype, GpuTensor};
 pub use context::GpuContext;
