@@ -9,5 +9,6 @@ pub mod tensor;
 
 pub use error::{Error, Result};
 pub use tensor::Matrix;
+pub mod golden;
 pub mod gpu;
 pub mod kernels;

@@ -55,7 +55,7 @@ pub struct Grouping {
 
 impl Grouping {
     pub fn new(numel: usize, group_size: usize, axis: usize) -> Result<Self> {
-        if group_size == 0 || numel == 0 || numel % group_size != 0 {
+        if group_size == 0 || numel == 0 || !numel.is_multiple_of(group_size) {
             return Err(Error::config(format!(
                 "HQQ group_size {group_size} must divide the element count {numel}"
             )));

@@ -54,7 +54,7 @@ impl Packing {
         if self.nbits == 3 {
             return Ok(rows.div_ceil(10));
         }
-        if rows % self.per_element != 0 {
+        if !rows.is_multiple_of(self.per_element) {
             return Err(Error::config(format!(
                 "HQQ {}-bit packing needs the grouped row count ({rows}) to be a multiple of {}",
                 self.nbits, self.per_element

@@ -1,0 +1,282 @@
+//! Runs the golden vectors of `manifest.json` (made by PEFT and HQQ themselves) on a backend and
+//! reports one outcome per case. A broken case (missing file, bad tensor) is a failed outcome with
+//! its reason, never a crash.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::formats::QuantFormat;
+use crate::formats::hqq::{self, ComputeDtype, Grouping, HqqConfig, HqqWeight};
+use crate::gpu::{ActDtype, GpuContext, GpuTensor};
+use crate::io::TensorFile;
+use crate::kernels::hqq::GpuHqq;
+use crate::tensor::{Matrix, max_rel_error, rel_frobenius_error};
+
+/// Where a case runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Cpu,
+    Gpu,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Cpu => "cpu",
+            Backend::Gpu => "gpu",
+        })
+    }
+}
+
+/// The result of one case on one backend.
+#[derive(Debug)]
+pub struct Outcome {
+    pub case: String,
+    pub backend: Backend,
+    pub result: std::result::Result<(), String>,
+}
+
+/// Tolerances of the golden README for forward outputs.
+pub const CPU_TOLERANCE: f64 = 1e-5;
+pub const GPU_TOLERANCE: f64 = 1e-4;
+pub const F16_TOLERANCE: f64 = 5e-3;
+
+/// Reads the manifest's case list.
+pub fn read_manifest(dir: &Path) -> Result<Vec<Value>> {
+    let path = dir.join("manifest.json");
+    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let manifest: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::config(format!("{}: {e}", path.display())))?;
+    manifest["cases"]
+        .as_array()
+        .cloned()
+        .ok_or_else(|| Error::config(format!("{}: no `cases` array", path.display())))
+}
+
+/// Runs every case on every backend. `gpu` must be given when `backends` holds [`Backend::Gpu`];
+/// without it those outcomes fail with the reason.
+pub fn run(dir: &Path, backends: &[Backend], gpu: Option<&GpuContext>) -> Result<Vec<Outcome>> {
+    let cases = read_manifest(dir)?;
+    let mut outcomes = Vec::new();
+    for case in &cases {
+        let name = case["name"].as_str().unwrap_or("<unnamed>").to_string();
+        for &backend in backends {
+            let result = catch_unwind(AssertUnwindSafe(|| run_case(dir, case, backend, gpu)))
+                .unwrap_or_else(|_| Err(Error::config("the check panicked")))
+                .map_err(|e| e.to_string());
+            outcomes.push(Outcome {
+                case: name.clone(),
+                backend,
+                result,
+            });
+        }
+    }
+    Ok(outcomes)
+}
+
+struct Case<'a> {
+    dir: PathBuf,
+    spec: &'a Value,
+    tensors: TensorFile,
+}
+
+impl Case<'_> {
+    fn f32(&self, name: &str) -> Result<Vec<f32>> {
+        self.tensors.get(name)?.to_f32()
+    }
+
+    fn matrix(&self, name: &str) -> Result<Matrix> {
+        let t = self.tensors.get(name)?;
+        let (rows, cols) = match t.shape[..] {
+            [r, c] => (r, c),
+            [n] => (1, n),
+            _ => return Err(Error::shape(name, "[rows, cols]", &t.shape)),
+        };
+        Matrix::new(rows, cols, t.to_f32()?)
+    }
+
+    fn meta_usize(&self, block: &str, key: &str) -> Result<usize> {
+        self.spec[block][key]
+            .as_u64()
+            .map(|v| v as usize)
+            .ok_or_else(|| Error::config(format!("manifest: `{block}.{key}` missing")))
+    }
+
+    fn shape(&self, block: &str) -> Result<(usize, usize)> {
+        let s = &self.spec[block]["shape"];
+        match (s[0].as_u64(), s[1].as_u64()) {
+            (Some(o), Some(i)) => Ok((o as usize, i as usize)),
+            _ => Err(Error::config(format!("manifest: `{block}.shape` missing"))),
+        }
+    }
+}
+
+fn run_case(dir: &Path, spec: &Value, backend: Backend, gpu: Option<&GpuContext>) -> Result<()> {
+    let name = spec["name"]
+        .as_str()
+        .ok_or_else(|| Error::config("case without a name"))?;
+    let case_dir = dir.join(name);
+    let case = Case {
+        tensors: TensorFile::open(case_dir.join("tensors.safetensors"))?,
+        dir: case_dir,
+        spec,
+    };
+    let gpu = match backend {
+        Backend::Cpu => None,
+        Backend::Gpu => {
+            Some(gpu.ok_or_else(|| Error::NoGpu("no GPU adapter for this run".into()))?)
+        }
+    };
+    match spec["kind"].as_str().unwrap_or("") {
+        "hqq_quant" => hqq_quant(&case, gpu),
+        "hqq_f16" => hqq_f16(&case, gpu),
+        kind @ ("oft_hqq" | "oft_gptq" | "oft_eetq") => Err(Error::Unsupported(format!(
+            "kind `{kind}` needs OFT adapters{}, not implemented yet",
+            match kind {
+                "oft_gptq" => " and the GPTQ format",
+                "oft_eetq" => " and the EETQ format",
+                _ => "",
+            }
+        ))),
+        "lora_hqq" => Err(Error::Unsupported(
+            "kind `lora_hqq` needs LoRA/DoRA adapters, not implemented yet".into(),
+        )),
+        other => Err(Error::Unsupported(format!("unknown case kind `{other}`"))),
+    }
+}
+
+fn exact(what: &str, ours: &[f32], reference: &[f32]) -> Result<()> {
+    let bad = ours.len() != reference.len()
+        || ours
+            .iter()
+            .zip(reference)
+            .any(|(a, b)| a.to_bits() != b.to_bits());
+    if bad {
+        return Err(Error::config(format!("{what} differs from the reference")));
+    }
+    Ok(())
+}
+
+fn within(what: &str, ours: &[f32], reference: &[f32], tolerance: f64) -> Result<()> {
+    let err = max_rel_error(ours, reference);
+    if err.is_nan() || err >= tolerance {
+        return Err(Error::config(format!(
+            "{what}: max relative error {err:.3e} over the tolerance {tolerance:.0e}"
+        )));
+    }
+    Ok(())
+}
+
+/// HQQ packing, dequantization and quantization against `Quantizer.quantize`/`dequantize`.
+fn hqq_quant(case: &Case, gpu: Option<&GpuContext>) -> Result<()> {
+    let (out, inp) = case.shape("meta")?;
+    let nbits = case.meta_usize("meta", "nbits")? as u32;
+    let group_size = case.meta_usize("meta", "group_size")?;
+    let axis = case.meta_usize("meta", "axis")?;
+    let w = case.f32("W")?;
+    for suffix in ["rtn", "opt"] {
+        let weight = HqqWeight::from_parts(
+            out,
+            inp,
+            nbits,
+            group_size,
+            axis,
+            case.tensors.get(&format!("W_q_{suffix}"))?.bytes.clone(),
+            case.f32(&format!("scale_{suffix}"))?,
+            case.f32(&format!("zero_{suffix}"))?,
+            None,
+            ComputeDtype::F32,
+        )?;
+        let reference = case.f32(&format!("W_deq_{suffix}"))?;
+        match gpu {
+            None => {
+                let codes = case.tensors.get(&format!("W_codes_{suffix}"))?.to_u8()?;
+                if weight.codes() != codes {
+                    return Err(Error::config(format!(
+                        "unpacked W_q_{suffix} differs from W_codes_{suffix}"
+                    )));
+                }
+                let (rows, cols) = weight.grouping.grouped_shape();
+                if hqq::packing::pack(&weight.packing, &codes, rows, cols)? != weight.packed {
+                    return Err(Error::config(format!(
+                        "packing W_codes_{suffix} differs from W_q_{suffix}"
+                    )));
+                }
+                exact(
+                    &format!("W_deq_{suffix}"),
+                    &weight.dequantize().data,
+                    &reference,
+                )?;
+            }
+            Some(ctx) => {
+                let deq = GpuHqq::upload(ctx, &weight)?.dequantize(ctx)?;
+                exact(&format!("GPU W_deq_{suffix}"), &deq.data, &reference)?;
+            }
+        }
+    }
+    if gpu.is_none() {
+        let grouping = Grouping::new(w.len(), group_size, axis)?;
+        let mut config = HqqConfig::new(nbits, group_size, axis);
+        config.optimize = false;
+        config.round_zero = false;
+        let (codes, scale, zero) = hqq::quantize_codes(&w, &grouping, &config);
+        if codes != case.tensors.get("W_codes_rtn")?.to_u8()? {
+            return Err(Error::config("min-max codes differ from W_codes_rtn"));
+        }
+        exact("scale_rtn", &scale, &case.f32("scale_rtn")?)?;
+        exact("zero_rtn", &zero, &case.f32("zero_rtn")?)?;
+        config.optimize = true;
+        let ours = HqqWeight::quantize(&Matrix::new(out, inp, w.clone())?, None, &config)?;
+        let e_ours = rel_frobenius_error(&ours.dequantize().data, &w);
+        let e_ref = rel_frobenius_error(&case.f32("W_deq_opt")?, &w);
+        if e_ours > e_ref * 1.01 + 1e-7 {
+            return Err(Error::config(format!(
+                "solver error {e_ours:.5} is over 1.01 x HQQ's {e_ref:.5}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// An fp16 HQQ layer loaded from its checkpoint directory, run on fp16 activations.
+fn hqq_f16(case: &Case, gpu: Option<&GpuContext>) -> Result<()> {
+    let checkpoint = case.spec["checkpoint_dir"].as_str().unwrap_or("checkpoint");
+    let module = case.spec["module"]
+        .as_str()
+        .ok_or_else(|| Error::config("manifest: `module` missing"))?;
+    let layer = HqqWeight::load(&case.dir.join(checkpoint), module)?;
+    if layer.packed != case.tensors.get("base.W_q")?.bytes {
+        return Err(Error::config("checkpoint W_q differs from base.W_q"));
+    }
+    exact(
+        "base.W_deq",
+        &layer.dequantize().data,
+        &case.f32("base.W_deq")?,
+    )?;
+    let x = case.matrix("x")?;
+    let y = case.f32("y")?;
+    let ours = match gpu {
+        None => {
+            let mut y = layer.forward_cpu(&x)?;
+            y.round_to_f16();
+            y
+        }
+        Some(ctx) => {
+            let act = if ctx.has_f16() {
+                ActDtype::F16
+            } else {
+                ActDtype::F32
+            };
+            let gw = GpuHqq::upload(ctx, &layer)?;
+            gw.forward(ctx, &GpuTensor::upload(ctx, &x, act)?)?
+                .download(ctx)?
+        }
+    };
+    within("y", &ours.data, &y, F16_TOLERANCE)
+}
