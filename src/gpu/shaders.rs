@@ -21,6 +21,11 @@ const FILES: &[(&str, &str)] = &[
     ),
     ("hqq_gemv.wgsl", include_str!("../../shaders/hqq_gemv.wgsl")),
     ("hqq_gemm.wgsl", include_str!("../../shaders/hqq_gemm.wgsl")),
+    ("lora.wgsl", include_str!("../../shaders/lora.wgsl")),
+    (
+        "oft_rotate.wgsl",
+        include_str!("../../shaders/oft_rotate.wgsl"),
+    ),
 ];
 
 /// Names one compiled specialization of a shader family.
@@ -138,5 +143,8 @@ fn preprocess(path: &str, flags: &[&str], out: &mut String, depth: usize) -> Res
 
 /// Every specialization the library can ask for, for the cross-compilation tests.
 pub fn catalogue() -> Vec<ShaderKey> {
-    crate::kernels::hqq::shader_keys()
+    let mut keys = crate::kernels::hqq::shader_keys();
+    keys.extend(crate::kernels::oft::shader_keys());
+    keys.extend(crate::kernels::lora::shader_keys());
+    keys
 }

@@ -6,7 +6,7 @@ use crate::formats::hqq::{ComputeDtype, HqqWeight};
 use crate::gpu::buffers::{POISON_F32, read_buffer, storage_from_bytes, storage_from_f32, uniform};
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
-use crate::kernels::{GEMV_MAX_ROWS, MatmulPath, grid};
+use crate::kernels::{Dispatch, GEMV_MAX_ROWS, MatmulPath, bind, grid};
 use crate::tensor::Matrix;
 
 const GEMV_WORKGROUP: u32 = 64;
@@ -85,13 +85,6 @@ pub fn shader_keys() -> Vec<ShaderKey> {
     keys
 }
 
-fn entry(binding: u32, buffer: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
-    wgpu::BindGroupEntry {
-        binding,
-        resource: buffer.as_entire_binding(),
-    }
-}
-
 impl GpuHqq {
     pub fn upload(ctx: &GpuContext, w: &HqqWeight) -> Result<Self> {
         let numel = w.grouping.numel;
@@ -136,17 +129,17 @@ impl GpuHqq {
         let out = storage_from_bytes(ctx, "hqq dequant", &POISON_F32.to_le_bytes().repeat(numel))?;
         let pipeline = ctx.pipeline(&dequant_key(self.field_bits, self.compute))?;
         let params = uniform(ctx, "hqq params", &self.params);
-        let bind = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("hqq dequant"),
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &[
-                entry(0, &params),
-                entry(1, &self.packed),
-                entry(2, &self.scale),
-                entry(3, &self.zero),
-                entry(6, &out),
+        let bind = bind(
+            ctx,
+            &pipeline,
+            &[
+                (0, &params),
+                (1, &self.packed),
+                (2, &self.scale),
+                (3, &self.zero),
+                (6, &out),
             ],
-        });
+        );
         let (gx, gy) = grid((numel as u32).div_ceil(DEQUANT_WORKGROUP));
         ctx.submit(|enc| {
             let mut pass = enc.begin_compute_pass(&Default::default());
@@ -231,38 +224,19 @@ impl GpuHqq {
                 ..self.params
             },
         );
-        let bind = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("hqq matmul"),
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &[
-                entry(0, &params),
-                entry(1, &self.packed),
-                entry(2, &self.scale),
-                entry(3, &self.zero),
-                entry(4, &x.buffer),
-                entry(5, &self.bias),
-                entry(6, &y.buffer),
+        let bind = bind(
+            ctx,
+            &pipeline,
+            &[
+                (0, &params),
+                (1, &self.packed),
+                (2, &self.scale),
+                (3, &self.zero),
+                (4, &x.buffer),
+                (5, &self.bias),
+                (6, &y.buffer),
             ],
-        });
-        Ok(Dispatch {
-            pipeline,
-            bind,
-            groups,
-        })
-    }
-}
-
-/// A bound kernel launch that can be recorded into a compute pass, any number of times.
-pub struct Dispatch {
-    pipeline: wgpu::ComputePipeline,
-    bind: wgpu::BindGroup,
-    groups: (u32, u32),
-}
-
-impl Dispatch {
-    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
-        pass.set_pipeline(&self.pipeline);
-        pass.set_bind_group(0, &self.bind, &[]);
-        pass.dispatch_workgroups(self.groups.0, self.groups.1, 1);
+        );
+        Ok(Dispatch::new(pipeline, bind, groups))
     }
 }

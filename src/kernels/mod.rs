@@ -1,6 +1,11 @@
 //! One module per shader family: GPU-resident weights, bind groups and dispatch.
 
 pub mod hqq;
+pub mod lora;
+pub mod oft;
+
+use crate::error::Result;
+use crate::gpu::GpuContext;
 
 /// Workgroup grid for `count` workgroups, split over x and y past the 65535-per-dimension limit.
 pub(crate) fn grid(count: u32) -> (u32, u32) {
@@ -30,4 +35,72 @@ impl MatmulPath {
             Self::Tiled
         }
     }
+}
+
+/// A bound kernel launch that can be recorded into any compute pass, any number of times.
+pub struct Dispatch {
+    pipeline: wgpu::ComputePipeline,
+    bind: wgpu::BindGroup,
+    groups: (u32, u32),
+}
+
+impl Dispatch {
+    pub(crate) fn new(
+        pipeline: wgpu::ComputePipeline,
+        bind: wgpu::BindGroup,
+        groups: (u32, u32),
+    ) -> Self {
+        Self {
+            pipeline,
+            bind,
+            groups,
+        }
+    }
+
+    /// A launch of one invocation per element, `workgroup` invocations per workgroup.
+    pub(crate) fn elementwise(
+        pipeline: wgpu::ComputePipeline,
+        bind: wgpu::BindGroup,
+        elements: usize,
+        workgroup: u32,
+    ) -> Self {
+        let groups = grid((elements as u32).div_ceil(workgroup));
+        Self::new(pipeline, bind, groups)
+    }
+
+    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        pass.set_pipeline(&self.pipeline);
+        pass.set_bind_group(0, &self.bind, &[]);
+        pass.dispatch_workgroups(self.groups.0, self.groups.1, 1);
+    }
+
+    /// Records the launches in one pass, submits and waits.
+    pub fn run_all(ctx: &GpuContext, dispatches: &[&Dispatch]) -> Result<()> {
+        ctx.submit(|enc| {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            for d in dispatches {
+                d.record(&mut pass);
+            }
+        })
+    }
+}
+
+/// A bind group for group 0 of `pipeline` from `(binding, buffer)` pairs.
+pub(crate) fn bind(
+    ctx: &GpuContext,
+    pipeline: &wgpu::ComputePipeline,
+    entries: &[(u32, &wgpu::Buffer)],
+) -> wgpu::BindGroup {
+    let entries: Vec<wgpu::BindGroupEntry<'_>> = entries
+        .iter()
+        .map(|(binding, buffer)| wgpu::BindGroupEntry {
+            binding: *binding,
+            resource: buffer.as_entire_binding(),
+        })
+        .collect();
+    ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: None,
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &entries,
+    })
 }

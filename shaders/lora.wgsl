@@ -1,0 +1,68 @@
+// LoRA / DoRA on the output of a base layer, in two entry points:
+//   shrink: h[m, r] = sum_k x[m, k] * A[r, k]                     (one invocation per h element)
+//   expand: y[m, n] = y + (g - 1) * (y - bias) + g * s * sum_r h[m, r] * B[n, r]
+// with g = 1 for LoRA and g = magnitude / ||W + s B A||_row for DoRA (precomputed per n).
+
+struct LoraParams {
+    m: u32,
+    k: u32,
+    n: u32,
+    r: u32,
+    scaling: f32,
+    dora: u32,
+    has_bias: u32,
+    pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: LoraParams;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read> x: array<Act>;
+@group(0) @binding(4) var<storage, read_write> h: array<f32>;
+@group(0) @binding(5) var<storage, read> dora_scale: array<f32>;
+@group(0) @binding(6) var<storage, read> bias: array<f32>;
+@group(0) @binding(7) var<storage, read_write> y: array<Act>;
+
+fn flat_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return gid.x + gid.y * nwg.x * 256u;
+}
+
+@compute @workgroup_size(256)
+fn shrink(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let idx = flat_index(gid, nwg);
+    if (idx >= p.m * p.r) {
+        return;
+    }
+    let row = idx / p.r;
+    let rank = idx % p.r;
+    var acc = 0.0;
+    for (var k = 0u; k < p.k; k++) {
+        acc += f32(x[row * p.k + k]) * a[rank * p.k + k];
+    }
+    h[idx] = acc;
+}
+
+@compute @workgroup_size(256)
+fn expand(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let idx = flat_index(gid, nwg);
+    if (idx >= p.m * p.n) {
+        return;
+    }
+    let row = idx / p.n;
+    let col = idx % p.n;
+    var acc = 0.0;
+    for (var j = 0u; j < p.r; j++) {
+        acc += h[row * p.r + j] * b[col * p.r + j];
+    }
+    let base = f32(y[idx]);
+    var out = base + p.scaling * acc;
+    if (p.dora == 1u) {
+        let g = dora_scale[col];
+        var bias_value = 0.0;
+        if (p.has_bias == 1u) {
+            bias_value = bias[col];
+        }
+        out = base + (g - 1.0) * (base - bias_value) + g * p.scaling * acc;
+    }
+    y[idx] = Act(out);
+}

@@ -1,0 +1,167 @@
+//! LoRA and DoRA on the GPU (`shaders/lora.wgsl`): a shrink to rank r, then an expand that adds
+//! the scaled product into the base output in place (and rescales it for DoRA).
+
+use crate::error::{Error, Result};
+use crate::gpu::buffers::{POISON_F32, storage_from_bytes, storage_from_f32, uniform};
+use crate::gpu::shaders::ShaderKey;
+use crate::gpu::{ActDtype, GpuContext, GpuTensor};
+use crate::kernels::{Dispatch, bind};
+use crate::tensor::Matrix;
+
+const WORKGROUP: u32 = 256;
+
+/// Mirrors `LoraParams` in the shader.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+struct LoraParams {
+    m: u32,
+    k: u32,
+    n: u32,
+    r: u32,
+    scaling: f32,
+    dora: u32,
+    has_bias: u32,
+    pad: u32,
+}
+
+fn key(entry: &'static str, act: ActDtype) -> ShaderKey {
+    ShaderKey::new("lora", entry, act)
+}
+
+pub fn shader_keys() -> Vec<ShaderKey> {
+    let mut keys = Vec::new();
+    for act in [ActDtype::F32, ActDtype::F16] {
+        keys.push(key("shrink", act));
+        keys.push(key("expand", act));
+    }
+    keys
+}
+
+/// A LoRA (or DoRA) adapter resident on the GPU.
+#[derive(Debug)]
+pub struct GpuLora {
+    pub in_features: usize,
+    pub out_features: usize,
+    pub rank: usize,
+    scaling: f32,
+    a: wgpu::Buffer,
+    b: wgpu::Buffer,
+    dora_scale: Option<wgpu::Buffer>,
+}
+
+impl GpuLora {
+    /// `a: [r, in]`, `b: [out, r]`; `dora_scale` = magnitude / row norm of `W + s·B·A`, per output.
+    pub fn upload(
+        ctx: &GpuContext,
+        a: &Matrix,
+        b: &Matrix,
+        scaling: f32,
+        dora_scale: Option<&[f32]>,
+    ) -> Result<Self> {
+        if b.cols != a.rows || a.rows == 0 {
+            return Err(Error::shape(
+                "lora_B",
+                format!("[out, {}]", a.rows),
+                &[b.rows, b.cols],
+            ));
+        }
+        if let Some(g) = dora_scale {
+            if g.len() != b.rows {
+                return Err(Error::shape(
+                    "DoRA scale",
+                    format!("[{}]", b.rows),
+                    &[g.len()],
+                ));
+            }
+        }
+        Ok(Self {
+            in_features: a.cols,
+            out_features: b.rows,
+            rank: a.rows,
+            scaling,
+            a: storage_from_f32(ctx, "lora A", &a.data)?,
+            b: storage_from_f32(ctx, "lora B", &b.data)?,
+            dora_scale: dora_scale
+                .map(|g| storage_from_f32(ctx, "dora scale", g))
+                .transpose()?,
+        })
+    }
+
+    /// Binds `y += s · (x Aᵀ) Bᵀ` (or DoRA's rescale) for `x: [m, in]`, `y: [m, out]`.
+    /// `bias` is the base layer's bias buffer (DoRA leaves it out of the rescale).
+    pub fn prepare(
+        &self,
+        ctx: &GpuContext,
+        x: &GpuTensor,
+        y: &GpuTensor,
+        bias: Option<&wgpu::Buffer>,
+    ) -> Result<[Dispatch; 2]> {
+        if x.cols != self.in_features
+            || y.cols != self.out_features
+            || y.rows != x.rows
+            || y.dtype != x.dtype
+        {
+            return Err(Error::shape(
+                "x",
+                format!("[m, {}] -> [m, {}]", self.in_features, self.out_features),
+                &[x.rows, x.cols, y.rows, y.cols],
+            ));
+        }
+        let m = x.rows;
+        let h = storage_from_bytes(
+            ctx,
+            "lora h",
+            &POISON_F32.to_le_bytes().repeat(m * self.rank),
+        )?;
+        let params = uniform(
+            ctx,
+            "lora params",
+            &LoraParams {
+                m: m as u32,
+                k: self.in_features as u32,
+                n: self.out_features as u32,
+                r: self.rank as u32,
+                scaling: self.scaling,
+                dora: self.dora_scale.is_some() as u32,
+                has_bias: bias.is_some() as u32,
+                pad: 0,
+            },
+        );
+        let shrink = ctx.pipeline(&key("shrink", x.dtype))?;
+        let shrink_bind = bind(
+            ctx,
+            &shrink,
+            &[(0, &params), (1, &self.a), (3, &x.buffer), (4, &h)],
+        );
+        let expand = ctx.pipeline(&key("expand", x.dtype))?;
+        let unused = &self.b;
+        let expand_bind = bind(
+            ctx,
+            &expand,
+            &[
+                (0, &params),
+                (2, &self.b),
+                (4, &h),
+                (5, self.dora_scale.as_ref().unwrap_or(unused)),
+                (6, bias.unwrap_or(unused)),
+                (7, &y.buffer),
+            ],
+        );
+        Ok([
+            Dispatch::elementwise(shrink, shrink_bind, m * self.rank, WORKGROUP),
+            Dispatch::elementwise(expand, expand_bind, m * self.out_features, WORKGROUP),
+        ])
+    }
+
+    /// Adds the adapter's term into `y` in place.
+    pub fn apply(
+        &self,
+        ctx: &GpuContext,
+        x: &GpuTensor,
+        y: &GpuTensor,
+        bias: Option<&wgpu::Buffer>,
+    ) -> Result<()> {
+        let [shrink, expand] = self.prepare(ctx, x, y, bias)?;
+        Dispatch::run_all(ctx, &[&shrink, &expand])
+    }
+}
