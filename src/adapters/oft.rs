@@ -156,8 +156,8 @@ pub fn adjust(n: usize, p: usize) -> usize {
         return n;
     }
     let p = p.max(1);
-    let lo = (1..=p).rev().find(|d| n % d == 0).unwrap_or(1);
-    let hi = (p..=n).find(|d| n % d == 0).unwrap_or(n);
+    let lo = (1..=p).rev().find(|d| n.is_multiple_of(*d)).unwrap_or(1);
+    let hi = (p..=n).find(|d| n.is_multiple_of(*d)).unwrap_or(n);
     if p - lo <= hi - p { lo } else { hi }
 }
 
@@ -413,7 +413,7 @@ fn build(
 ) -> Result<OftAdapter> {
     check_finite(OFT_SUFFIX, &params.data)?;
     let b = block_size_from_len(params.cols)?;
-    if in_features == 0 || in_features % b != 0 {
+    if in_features == 0 || !in_features.is_multiple_of(b) {
         return Err(Error::config(format!(
             "block size {b} does not divide in_features = {in_features}"
         )));
