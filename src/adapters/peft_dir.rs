@@ -86,7 +86,8 @@ impl PeftAdapterDir {
             .unwrap_or_default()
     }
 
-    /// `module` itself when given; otherwise the one module whose keys include `suffix`.
+    /// `module` itself when given; otherwise the one module whose keys include `suffix`, or,
+    /// when none does, the only adapted module (so that its keys can be checked and reported).
     pub fn resolve_module(&self, module: Option<&str>, suffix: &str) -> Result<String> {
         if let Some(m) = module {
             return Ok(m.strip_prefix(KEY_PREFIX).unwrap_or(m).to_string());
@@ -97,13 +98,16 @@ impl PeftAdapterDir {
             .filter(|(_, suffixes)| suffixes.contains_key(suffix))
             .map(|(m, _)| m)
             .collect();
-        match carriers.as_slice() {
-            [one] => Ok((*one).clone()),
-            [] => Err(Error::MissingTensor {
+        let only_module = (self.modules.len() == 1)
+            .then(|| self.modules.keys().next())
+            .flatten();
+        match (carriers.as_slice(), only_module) {
+            (&[one], _) | (&[], Some(one)) => Ok(one.clone()),
+            (&[], None) => Err(Error::MissingTensor {
                 name: format!("<module>.{suffix}"),
                 file: self.tensors.label.clone(),
             }),
-            many => Err(Error::config(format!(
+            (many, _) => Err(Error::config(format!(
                 "{}: {} modules carry `{suffix}` ({}); name the module to load",
                 self.tensors.label,
                 many.len(),
