@@ -290,11 +290,9 @@ fn eye(i: usize, j: usize) -> f64 {
     if i == j { 1.0 } else { 0.0 }
 }
 
+/// The rotation of a one-block adapter whose parameter row is `params`.
 fn single_block(params: &Matrix, p: Parameterization) -> Matrix {
-    let b = params.cols;
-    let b = (1..=b + 2)
-        .find(|b| b * (b - 1) / 2 == params.cols)
-        .unwrap();
+    let b = (1..).find(|b| b * (b - 1) / 2 == params.cols).unwrap();
     let oft = OftAdapter::from_params("rand", b, params.clone(), p, None, false).unwrap();
     oft.rotation_blocks()[0].clone()
 }
