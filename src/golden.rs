@@ -7,12 +7,17 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use crate::adapters::lora::LoraAdapter;
+use crate::adapters::oft::OftAdapter;
+use crate::adapters::peft_dir::PeftAdapterDir;
 use crate::error::{Error, Result};
 use crate::formats::QuantFormat;
 use crate::formats::hqq::{self, ComputeDtype, Grouping, HqqConfig, HqqWeight};
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
 use crate::io::TensorFile;
 use crate::kernels::hqq::GpuHqq;
+use crate::kernels::lora::GpuLora;
+use crate::kernels::oft::GpuOft;
 use crate::tensor::{Matrix, max_rel_error, rel_frobenius_error};
 
 /// Where a case runs.
@@ -136,17 +141,22 @@ fn run_case(dir: &Path, spec: &Value, backend: Backend, gpu: Option<&GpuContext>
     match spec["kind"].as_str().unwrap_or("") {
         "hqq_quant" => hqq_quant(&case, gpu),
         "hqq_f16" => hqq_f16(&case, gpu),
-        kind @ ("oft_hqq" | "oft_gptq" | "oft_eetq") => Err(Error::Unsupported(format!(
-            "kind `{kind}` needs OFT adapters{}, not implemented yet",
-            match kind {
-                "oft_gptq" => " and the GPTQ format",
-                "oft_eetq" => " and the EETQ format",
-                _ => "",
-            }
+        "oft_hqq" => {
+            oft_hqq_forward(&case, gpu)?;
+            Err(Error::Unsupported(
+                "forward checks pass (R, y, y_disabled); merge / unmerge (y_merged, y_unmerged, merged.*) not implemented yet".into(),
+            ))
+        }
+        "lora_hqq" => {
+            lora_hqq_forward(&case, gpu)?;
+            Err(Error::Unsupported(
+                "forward checks pass (y_a, y_b, y_disabled); mixed batches and merge / unmerge not implemented yet".into(),
+            ))
+        }
+        kind @ ("oft_gptq" | "oft_eetq") => Err(Error::Unsupported(format!(
+            "kind `{kind}`: the {} format is not implemented yet",
+            if kind == "oft_gptq" { "GPTQ" } else { "EETQ" }
         ))),
-        "lora_hqq" => Err(Error::Unsupported(
-            "kind `lora_hqq` needs LoRA/DoRA adapters, not implemented yet".into(),
-        )),
         other => Err(Error::Unsupported(format!("unknown case kind `{other}`"))),
     }
 }
@@ -279,4 +289,143 @@ fn hqq_f16(case: &Case, gpu: Option<&GpuContext>) -> Result<()> {
         }
     };
     within("y", &ours.data, &y, F16_TOLERANCE)
+}
+
+/// The HQQ base layer of an adapter case, from its checkpoint directory.
+fn hqq_base(case: &Case) -> Result<HqqWeight> {
+    let checkpoint = case.spec["checkpoint_dir"].as_str().unwrap_or("checkpoint");
+    let module = case.spec["module"]
+        .as_str()
+        .ok_or_else(|| Error::config("manifest: `module` missing"))?;
+    let base = HqqWeight::load(&case.dir.join(checkpoint), module)?;
+    exact(
+        "base.W_deq",
+        &base.dequantize().data,
+        &case.f32("base.W_deq")?,
+    )?;
+    Ok(base)
+}
+
+fn tolerance(gpu: Option<&GpuContext>) -> f64 {
+    if gpu.is_some() {
+        GPU_TOLERANCE
+    } else {
+        CPU_TOLERANCE
+    }
+}
+
+/// PEFT's OFT forward on an HQQ base: `y = base(x · R)`, and the base alone when disabled.
+fn oft_hqq_forward(case: &Case, gpu: Option<&GpuContext>) -> Result<()> {
+    let base = hqq_base(case)?;
+    let adapter_dir = case
+        .dir
+        .join(case.spec["adapter_dir"].as_str().unwrap_or("adapter"));
+    let oft = OftAdapter::from_peft_dir(
+        "default",
+        &PeftAdapterDir::open(&adapter_dir)?,
+        None,
+        base.in_features,
+    )?;
+    within(
+        "R",
+        &oft.full_rotation().data,
+        &case.f32("R")?,
+        CPU_TOLERANCE,
+    )?;
+    if case.tensors.contains("oft_R_weight_after_coft") {
+        within(
+            "oft_R_weight_after_coft",
+            oft.params(),
+            &case.f32("oft_R_weight_after_coft")?,
+            CPU_TOLERANCE,
+        )?;
+    }
+    let x = case.matrix("x")?;
+    let (y, y_disabled) = match gpu {
+        None => (
+            base.forward_cpu(&oft.rotate_cpu(&x)?)?,
+            base.forward_cpu(&x)?,
+        ),
+        Some(ctx) => {
+            let layer = GpuHqq::upload(ctx, &base)?;
+            let rotation =
+                GpuOft::upload(ctx, &oft.blocks_flat(), oft.block_size(), base.in_features)?;
+            let xg = GpuTensor::upload(ctx, &x, ActDtype::F32)?;
+            let rotated = rotation.rotate(ctx, &xg)?;
+            (
+                layer.forward(ctx, &rotated)?.download(ctx)?,
+                layer.forward(ctx, &xg)?.download(ctx)?,
+            )
+        }
+    };
+    within("y", &y.data, &case.f32("y")?, tolerance(gpu))?;
+    within(
+        "y_disabled",
+        &y_disabled.data,
+        &case.f32("y_disabled")?,
+        tolerance(gpu),
+    )
+}
+
+/// PEFT's LoRA / rsLoRA / DoRA forward on an HQQ base, each of the two adapters alone.
+fn lora_hqq_forward(case: &Case, gpu: Option<&GpuContext>) -> Result<()> {
+    let base = hqq_base(case)?;
+    let adapter_dir = case
+        .dir
+        .join(case.spec["adapter_dir"].as_str().unwrap_or("adapter"));
+    let x = case.matrix("x")?;
+    let weight = base.dequantize();
+    let gpu_base = gpu.map(|ctx| GpuHqq::upload(ctx, &base)).transpose()?;
+    for name in ["a", "b"] {
+        let dir = PeftAdapterDir::open(adapter_dir.join(name))?;
+        let lora =
+            LoraAdapter::from_peft_dir(name, &dir, None, base.in_features, base.out_features)?;
+        let y = match (gpu, &gpu_base) {
+            (Some(ctx), Some(layer)) => {
+                let dora_scale = match lora.magnitude() {
+                    Some(m) => Some(
+                        m.iter()
+                            .zip(lora.dora_norms(&weight)?)
+                            .map(|(m, n)| m / n)
+                            .collect::<Vec<f32>>(),
+                    ),
+                    None => None,
+                };
+                let adapter = GpuLora::upload(
+                    ctx,
+                    lora.a(),
+                    lora.b(),
+                    lora.scaling(),
+                    dora_scale.as_deref(),
+                )?;
+                let xg = GpuTensor::upload(ctx, &x, ActDtype::F32)?;
+                let y = layer.forward(ctx, &xg)?;
+                adapter.apply(ctx, &xg, &y, Some(layer.bias_buffer()))?;
+                y.download(ctx)?
+            }
+            _ => {
+                let mut y = base.forward_cpu(&x)?;
+                lora.apply_cpu(&x, &mut y, base.bias(), &weight)?;
+                y
+            }
+        };
+        within(
+            &format!("y_{name}"),
+            &y.data,
+            &case.f32(&format!("y_{name}"))?,
+            tolerance(gpu),
+        )?;
+    }
+    let y_disabled = match (gpu, &gpu_base) {
+        (Some(ctx), Some(layer)) => layer
+            .forward(ctx, &GpuTensor::upload(ctx, &x, ActDtype::F32)?)?
+            .download(ctx)?,
+        _ => base.forward_cpu(&x)?,
+    };
+    within(
+        "y_disabled",
+        &y_disabled.data,
+        &case.f32("y_disabled")?,
+        tolerance(gpu),
+    )
 }

@@ -29,7 +29,9 @@ fn oft_rotation_matches_cpu_for_every_block_size_and_parameterization() {
         ] {
             let rows = if share { 1 } else { in_features / b };
             let params = random_matrix(rows, b * (b - 1) / 2, 0.3 / b as f32);
-            let oft = OftAdapter::from_params("r", in_features, params, parameterization, None, share).unwrap();
+            let oft =
+                OftAdapter::from_params("r", in_features, params, parameterization, None, share)
+                    .unwrap();
             let gpu_oft = GpuOft::upload(ctx, &oft.blocks_flat(), b, in_features).unwrap();
             for act in [ActDtype::F32, ActDtype::F16] {
                 let x = match act {
@@ -44,7 +46,10 @@ fn oft_rotation_matches_cpu_for_every_block_size_and_parameterization() {
                     .unwrap();
                 let tol = if act == ActDtype::F32 { 1e-5 } else { 2e-3 };
                 let err = max_rel_error(&y.data, &expected.data);
-                assert!(err < tol, "b={b} {parameterization:?} share={share} {act:?}: {err}");
+                assert!(
+                    err < tol,
+                    "b={b} {parameterization:?} share={share} {act:?}: {err}"
+                );
             }
         }
     }
@@ -57,19 +62,34 @@ fn lora_case(rank: usize, dora: bool) {
     let b = random_matrix(out, rank, 0.2);
     let base_weight = random_matrix(out, inp, 0.1);
     let bias = random_matrix(1, out, 0.5).data;
-    let magnitude = dora.then(|| random_matrix(1, out, 1.0).data.iter().map(|v| v.abs() + 0.5).collect());
-    let lora = LoraAdapter::from_matrices("l", inp, out, a.clone(), b.clone(), 1.7, magnitude).unwrap();
+    let magnitude = dora.then(|| {
+        random_matrix(1, out, 1.0)
+            .data
+            .iter()
+            .map(|v| v.abs() + 0.5)
+            .collect()
+    });
+    let lora =
+        LoraAdapter::from_matrices("l", inp, out, a.clone(), b.clone(), 1.7, magnitude).unwrap();
     let x = random_matrix(m, inp, 1.0);
     let mut expected = x.matmul_t(&base_weight).unwrap();
     expected.add_row_vector(&bias);
     let base_out = expected.clone();
-    lora.apply_cpu(&x, &mut expected, Some(&bias), &base_weight).unwrap();
+    lora.apply_cpu(&x, &mut expected, Some(&bias), &base_weight)
+        .unwrap();
 
     let dora_scale: Option<Vec<f32>> = lora.magnitude().map(|mag| {
         let norms = lora.dora_norms(&base_weight).unwrap();
         mag.iter().zip(&norms).map(|(m, n)| m / n).collect()
     });
-    let gl = GpuLora::upload(ctx, lora.a(), lora.b(), lora.scaling(), dora_scale.as_deref()).unwrap();
+    let gl = GpuLora::upload(
+        ctx,
+        lora.a(),
+        lora.b(),
+        lora.scaling(),
+        dora_scale.as_deref(),
+    )
+    .unwrap();
     let xg = GpuTensor::upload(ctx, &x, ActDtype::F32).unwrap();
     let yg = GpuTensor::upload(ctx, &base_out, ActDtype::F32).unwrap();
     let bias_buf = quantadapt::gpu::buffers::storage_from_f32(ctx, "bias", &bias).unwrap();

@@ -123,6 +123,11 @@ impl GpuHqq {
         self.resident_bytes
     }
 
+    /// The bias on the GPU (a single zero when the layer has none).
+    pub fn bias_buffer(&self) -> &wgpu::Buffer {
+        &self.bias
+    }
+
     /// The whole weight dequantized to f32 `[out, in]` (for checks: the layer never keeps it).
     pub fn dequantize(&self, ctx: &GpuContext) -> Result<Matrix> {
         let numel = self.out_features * self.in_features;
