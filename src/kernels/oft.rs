@@ -46,8 +46,8 @@ impl GpuOft {
         let per_block = block_size * block_size;
         if block_size == 0
             || blocks.is_empty()
-            || blocks.len() % per_block != 0
-            || in_features % block_size != 0
+            || !blocks.len().is_multiple_of(per_block)
+            || !in_features.is_multiple_of(block_size)
         {
             return Err(Error::shape(
                 "OFT blocks",
