@@ -15,9 +15,9 @@ use crate::formats::QuantFormat;
 use crate::formats::hqq::{self, ComputeDtype, Grouping, HqqConfig, HqqWeight};
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
 use crate::io::TensorFile;
-use crate::kernels::hqq::GpuHqq;
 use crate::kernels::lora::GpuLora;
 use crate::kernels::oft::GpuOft;
+use crate::kernels::quant::GpuQuantWeight;
 use crate::tensor::{Matrix, max_rel_error, rel_frobenius_error};
 
 /// Where a case runs.
@@ -225,7 +225,7 @@ fn hqq_quant(case: &Case, gpu: Option<&GpuContext>) -> Result<()> {
                 )?;
             }
             Some(ctx) => {
-                let deq = GpuHqq::upload(ctx, &weight)?.dequantize(ctx)?;
+                let deq = GpuQuantWeight::from_hqq(ctx, &weight)?.dequantize(ctx)?;
                 exact(&format!("GPU W_deq_{suffix}"), &deq.data, &reference)?;
             }
         }
@@ -283,7 +283,7 @@ fn hqq_f16(case: &Case, gpu: Option<&GpuContext>) -> Result<()> {
             } else {
                 ActDtype::F32
             };
-            let gw = GpuHqq::upload(ctx, &layer)?;
+            let gw = GpuQuantWeight::from_hqq(ctx, &layer)?;
             gw.forward(ctx, &GpuTensor::upload(ctx, &x, act)?)?
                 .download(ctx)?
         }
@@ -347,7 +347,7 @@ fn oft_hqq_forward(case: &Case, gpu: Option<&GpuContext>) -> Result<()> {
             base.forward_cpu(&x)?,
         ),
         Some(ctx) => {
-            let layer = GpuHqq::upload(ctx, &base)?;
+            let layer = GpuQuantWeight::from_hqq(ctx, &base)?;
             let rotation =
                 GpuOft::upload(ctx, &oft.blocks_flat(), oft.block_size(), base.in_features)?;
             let xg = GpuTensor::upload(ctx, &x, ActDtype::F32)?;
@@ -375,7 +375,9 @@ fn lora_hqq_forward(case: &Case, gpu: Option<&GpuContext>) -> Result<()> {
         .join(case.spec["adapter_dir"].as_str().unwrap_or("adapter"));
     let x = case.matrix("x")?;
     let weight = base.dequantize();
-    let gpu_base = gpu.map(|ctx| GpuHqq::upload(ctx, &base)).transpose()?;
+    let gpu_base = gpu
+        .map(|ctx| GpuQuantWeight::from_hqq(ctx, &base))
+        .transpose()?;
     for name in ["a", "b"] {
         let dir = PeftAdapterDir::open(adapter_dir.join(name))?;
         let lora =

@@ -9,7 +9,7 @@ use quantadapt::formats::hqq::{ComputeDtype, HqqConfig, HqqWeight};
 use quantadapt::gpu::{ActDtype, GpuTensor};
 use quantadapt::io::TensorFile;
 use quantadapt::kernels::MatmulPath;
-use quantadapt::kernels::hqq::GpuHqq;
+use quantadapt::kernels::quant::GpuQuantWeight;
 use quantadapt::tensor::{Matrix, max_rel_error};
 
 #[test]
@@ -38,7 +38,7 @@ fn gpu_dequant_matches_hqq_golden_bit_for_bit() {
             ComputeDtype::F32,
         )
         .unwrap();
-        let ours = GpuHqq::upload(gpu(), &w)
+        let ours = GpuQuantWeight::from_hqq(gpu(), &w)
             .unwrap()
             .dequantize(gpu())
             .unwrap();
@@ -60,7 +60,7 @@ fn check_layer(out: usize, inp: usize, config: HqqConfig, rows: &[usize]) {
     let weight = random_matrix(out, inp, 0.05);
     let bias = random_matrix(1, out, 0.1).data;
     let w = HqqWeight::quantize(&weight, Some(bias), &config).unwrap();
-    let gw = GpuHqq::upload(ctx, &w).unwrap();
+    let gw = GpuQuantWeight::from_hqq(ctx, &w).unwrap();
     let deq = gw.dequantize(ctx).unwrap();
     assert_eq!(deq.data, w.dequantize().data, "dequant {config:?}");
     for &m in rows {
@@ -130,7 +130,7 @@ fn mismatched_input_is_an_error_not_a_panic() {
     let ctx = gpu();
     let w =
         HqqWeight::quantize(&random_matrix(16, 64, 0.1), None, &HqqConfig::new(4, 64, 1)).unwrap();
-    let gw = GpuHqq::upload(ctx, &w).unwrap();
+    let gw = GpuQuantWeight::from_hqq(ctx, &w).unwrap();
     let x = GpuTensor::upload(ctx, &random_matrix(2, 32, 1.0), ActDtype::F32).unwrap();
     assert!(gw.forward(ctx, &x).is_err());
 }

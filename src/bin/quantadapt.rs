@@ -11,7 +11,7 @@ use quantadapt::golden::{self, Backend};
 use quantadapt::gpu::timing::{median, time_pass};
 use quantadapt::gpu::{ActDtype, GpuContext, GpuTensor};
 use quantadapt::kernels::MatmulPath;
-use quantadapt::kernels::hqq::GpuHqq;
+use quantadapt::kernels::quant::GpuQuantWeight;
 use quantadapt::tensor::{Matrix, max_rel_error};
 use quantadapt::{Error, Result};
 use rand::Rng;
@@ -106,7 +106,7 @@ fn demo() -> Result<ExitCode> {
         }
     };
     println!("  device: {}", ctx.describe());
-    let gpu_layer = GpuHqq::upload(&ctx, &layer)?;
+    let gpu_layer = GpuQuantWeight::from_hqq(&ctx, &layer)?;
     let mut worst = 0f64;
     for (m, path) in [
         (1, MatmulPath::Gemv),

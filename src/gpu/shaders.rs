@@ -8,23 +8,41 @@ use crate::gpu::ActDtype;
 /// Every WGSL file, embedded at build time, by its path under `shaders/`.
 const FILES: &[(&str, &str)] = &[
     (
-        "common/hqq_codes.wgsl",
-        include_str!("../../shaders/common/hqq_codes.wgsl"),
+        "common/matmul_params.wgsl",
+        include_str!("../../shaders/common/matmul_params.wgsl"),
     ),
     (
         "common/rounding.wgsl",
         include_str!("../../shaders/common/rounding.wgsl"),
     ),
     (
-        "hqq_dequant.wgsl",
-        include_str!("../../shaders/hqq_dequant.wgsl"),
+        "formats/eetq.wgsl",
+        include_str!("../../shaders/formats/eetq.wgsl"),
     ),
-    ("hqq_gemv.wgsl", include_str!("../../shaders/hqq_gemv.wgsl")),
-    ("hqq_gemm.wgsl", include_str!("../../shaders/hqq_gemm.wgsl")),
+    (
+        "formats/gptq.wgsl",
+        include_str!("../../shaders/formats/gptq.wgsl"),
+    ),
+    (
+        "formats/hqq.wgsl",
+        include_str!("../../shaders/formats/hqq.wgsl"),
+    ),
     ("lora.wgsl", include_str!("../../shaders/lora.wgsl")),
     (
         "oft_rotate.wgsl",
         include_str!("../../shaders/oft_rotate.wgsl"),
+    ),
+    (
+        "quant_dequant.wgsl",
+        include_str!("../../shaders/quant_dequant.wgsl"),
+    ),
+    (
+        "quant_gemm.wgsl",
+        include_str!("../../shaders/quant_gemm.wgsl"),
+    ),
+    (
+        "quant_gemv.wgsl",
+        include_str!("../../shaders/quant_gemv.wgsl"),
     ),
 ];
 
@@ -144,6 +162,8 @@ fn preprocess(path: &str, flags: &[&str], out: &mut String, depth: usize) -> Res
 /// Every specialization the library can ask for, for the cross-compilation tests.
 pub fn catalogue() -> Vec<ShaderKey> {
     let mut keys = crate::kernels::hqq::shader_keys();
+    keys.extend(crate::kernels::gptq::shader_keys());
+    keys.extend(crate::kernels::eetq::shader_keys());
     keys.extend(crate::kernels::oft::shader_keys());
     keys.extend(crate::kernels::lora::shader_keys());
     keys

@@ -1,8 +1,11 @@
 //! One module per shader family: GPU-resident weights, bind groups and dispatch.
 
+pub mod eetq;
+pub mod gptq;
 pub mod hqq;
 pub mod lora;
 pub mod oft;
+pub mod quant;
 
 use crate::error::Result;
 use crate::gpu::GpuContext;

@@ -1,14 +1,19 @@
 // y = x · Wᵀ + bias for many rows: TILE x TILE output tiles, x and the dequantized weight staged
 // through workgroup memory one K-slice at a time, f32 accumulation.
-#include "common/hqq_codes.wgsl"
+#include "common/matmul_params.wgsl"
+#ifdef HQQ
+#include "formats/hqq.wgsl"
+#endif
+#ifdef GPTQ
+#include "formats/gptq.wgsl"
+#endif
+#ifdef EETQ
+#include "formats/eetq.wgsl"
+#endif
 
-@group(0) @binding(0) var<uniform> p: HqqParams;
-@group(0) @binding(1) var<storage, read> packed: array<u32>;
-@group(0) @binding(2) var<storage, read> scale: array<f32>;
-@group(0) @binding(3) var<storage, read> zero: array<f32>;
-@group(0) @binding(4) var<storage, read> x: array<Act>;
-@group(0) @binding(5) var<storage, read> bias: array<f32>;
-@group(0) @binding(6) var<storage, read_write> y: array<Act>;
+@group(0) @binding(6) var<storage, read> x: array<Act>;
+@group(0) @binding(7) var<storage, read> bias: array<f32>;
+@group(0) @binding(8) var<storage, read_write> y: array<Act>;
 
 var<workgroup> xs: array<array<f32, TILE>, TILE>;
 var<workgroup> ws: array<array<f32, TILE>, TILE>;
@@ -28,7 +33,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
         xs[lid.y][lid.x] = xv;
         var wv = 0.0;
         if (w_row < p.n && k < p.k) {
-            wv = hqq_dequant(w_row * p.k + k);
+            wv = dequant_weight(w_row, k);
         }
         ws[lid.y][lid.x] = wv;
         workgroupBarrier();

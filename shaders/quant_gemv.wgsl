@@ -1,15 +1,20 @@
 // y = x · Wᵀ + bias for a few rows of x (M <= MAX_M): one workgroup per output feature, the
 // invocations stride over K, dequantize in registers, and reduce in workgroup memory.
 // Makes no assumption about the subgroup size.
-#include "common/hqq_codes.wgsl"
+#include "common/matmul_params.wgsl"
+#ifdef HQQ
+#include "formats/hqq.wgsl"
+#endif
+#ifdef GPTQ
+#include "formats/gptq.wgsl"
+#endif
+#ifdef EETQ
+#include "formats/eetq.wgsl"
+#endif
 
-@group(0) @binding(0) var<uniform> p: HqqParams;
-@group(0) @binding(1) var<storage, read> packed: array<u32>;
-@group(0) @binding(2) var<storage, read> scale: array<f32>;
-@group(0) @binding(3) var<storage, read> zero: array<f32>;
-@group(0) @binding(4) var<storage, read> x: array<Act>;
-@group(0) @binding(5) var<storage, read> bias: array<f32>;
-@group(0) @binding(6) var<storage, read_write> y: array<Act>;
+@group(0) @binding(6) var<storage, read> x: array<Act>;
+@group(0) @binding(7) var<storage, read> bias: array<f32>;
+@group(0) @binding(8) var<storage, read_write> y: array<Act>;
 
 var<workgroup> partial: array<f32, WG * MAX_M>;
 
@@ -20,7 +25,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     var acc: array<f32, MAX_M>;
     if (n < p.n) {
         for (var k = lid; k < p.k; k += WG) {
-            let w = hqq_dequant(n * p.k + k);
+            let w = dequant_weight(n, k);
             for (var r = 0u; r < p.m; r++) {
                 acc[r] += w * f32(x[r * p.k + k]);
             }

@@ -1,0 +1,54 @@
+// GPTQ: qweight int32 [ceil(K*BITS/32), N] packed along K, qzeros int32 [G, ceil(N*BITS/32)]
+// packed along N, both as little-endian bit streams (3-bit: 32 values in 3 words); scales f16
+// [G, N] (held as f32); g_idx [K]. Const BITS; ZERO_OFFSET 1 for v1 files (stored zero - 1).
+#include "common/rounding.wgsl"
+
+struct FormatParams {
+    zero_words: u32,
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
+}
+
+@group(0) @binding(1) var<uniform> q: FormatParams;
+@group(0) @binding(2) var<storage, read> qweight: array<u32>;
+@group(0) @binding(3) var<storage, read> qzeros: array<u32>;
+@group(0) @binding(4) var<storage, read> scales: array<f32>;
+@group(0) @binding(5) var<storage, read> g_idx: array<u32>;
+
+const MASK: u32 = (1u << BITS) - 1u;
+
+// Field i of a bit stream whose word j is read by `word(j)`, as (word index, shift) pairs.
+fn stream_field(i: u32) -> vec2<u32> {
+    if (BITS == 3u) {
+        let bit = 96u * (i / 32u) + 3u * (i % 32u);
+        return vec2<u32>(bit / 32u, bit % 32u);
+    }
+    let per_word = 32u / BITS;
+    return vec2<u32>(i / per_word, BITS * (i % per_word));
+}
+
+fn gptq_code(k: u32, n: u32) -> u32 {
+    let at = stream_field(k);
+    var v = qweight[at.x * p.n + n] >> at.y;
+    if (at.y > 32u - BITS) {
+        v |= qweight[(at.x + 1u) * p.n + n] << (32u - at.y);
+    }
+    return v & MASK;
+}
+
+fn gptq_zero(g: u32, n: u32) -> u32 {
+    let at = stream_field(n);
+    var v = qzeros[g * q.zero_words + at.x] >> at.y;
+    if (at.y > 32u - BITS) {
+        v |= qzeros[g * q.zero_words + at.x + 1u] << (32u - at.y);
+    }
+    return ((v & MASK) + ZERO_OFFSET) & MASK;
+}
+
+// scale * (q - z), rounded once to f16 as GPTQ's fp16 dequantization is.
+fn dequant_weight(n: u32, k: u32) -> f32 {
+    let g = g_idx[k];
+    let diff = i32(gptq_code(k, n)) - i32(gptq_zero(g, n));
+    return to_compute(scales[g * p.n + n] * f32(diff));
+}

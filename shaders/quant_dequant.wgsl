@@ -1,0 +1,22 @@
+// Dequantizes a whole weight to f32 [N, K], one invocation per element (for checks and merges).
+#include "common/matmul_params.wgsl"
+#ifdef HQQ
+#include "formats/hqq.wgsl"
+#endif
+#ifdef GPTQ
+#include "formats/gptq.wgsl"
+#endif
+#ifdef EETQ
+#include "formats/eetq.wgsl"
+#endif
+
+@group(0) @binding(8) var<storage, read_write> out: array<f32>;
+
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let f = gid.x + gid.y * nwg.x * 256u;
+    if (f >= p.n * p.k) {
+        return;
+    }
+    out[f] = dequant_weight(f / p.k, f % p.k);
+}
