@@ -234,19 +234,19 @@ fn check_config(path: &Path) -> Result<()> {
             path.display()
         ))
     })?;
-    match block.get("quant_method").and_then(|m| m.as_str()) {
-        Some("eetq") => {}
-        other => {
-            return Err(Error::config(format!(
-                "{}: quant_method {other:?} is not \"eetq\"",
-                path.display()
-            )));
-        }
+    let method = block.get("quant_method");
+    if method.and_then(|m| m.as_str()) != Some("eetq") {
+        return Err(Error::config(format!(
+            "{}: quant_method {} is not \"eetq\"",
+            path.display(),
+            method.map_or("(missing)".to_string(), |m| m.to_string())
+        )));
     }
-    match block.get("weights").and_then(|w| w.as_str()) {
-        None | Some("int8") => Ok(()),
+    match block.get("weights") {
+        None => Ok(()),
+        Some(w) if w == "int8" => Ok(()),
         Some(other) => Err(Error::Unsupported(format!(
-            "{}: EETQ weights `{other}` (only int8 exists)",
+            "{}: EETQ weights {other} (only \"int8\" exists)",
             path.display()
         ))),
     }
