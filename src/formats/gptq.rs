@@ -8,20 +8,19 @@
 //! `bias` `[N]`.
 
 mod config;
+mod load;
 mod packing;
 mod quantize;
 
 use std::path::Path;
 
-use safetensors::Dtype;
-
 pub(crate) use config::read_json;
 pub use config::{GptqConfig, GptqZeros};
-use packing::{Stream, words_for};
+use packing::Stream;
 
-use crate::error::{Error, Result, check_finite};
+use crate::error::{Error, Result};
 use crate::formats::QuantFormat;
-use crate::io::{HostTensor, TensorFile};
+use crate::io::TensorFile;
 use crate::tensor::{Matrix, round_f16};
 
 /// A GPTQ-quantized linear layer.
@@ -48,7 +47,7 @@ impl GptqWeight {
     /// in_features is the length of `g_idx`; without `g_idx` it is `rows * 32 / bits` of
     /// `qweight`, which assumes no padding rows; use [`Self::from_tensors_with_shape`] otherwise.
     pub fn from_tensors(file: &TensorFile, prefix: &str, config: GptqConfig) -> Result<Self> {
-        Self::read(file, prefix, config, None)
+        load::read(file, prefix, config, None)
     }
 
     /// Like [`Self::from_tensors`] with the layer's shape given, for files whose in_features the
@@ -60,7 +59,7 @@ impl GptqWeight {
         in_features: usize,
         out_features: usize,
     ) -> Result<Self> {
-        Self::read(file, prefix, config, Some((in_features, out_features)))
+        load::read(file, prefix, config, Some((in_features, out_features)))
     }
 
     /// Loads `module_prefix` (with or without its trailing dot) from `dir/model.safetensors`,
@@ -71,149 +70,11 @@ impl GptqWeight {
         Self::from_tensors(&file, &tensor_prefix(module_prefix), config)
     }
 
-    fn read(
-        file: &TensorFile,
-        prefix: &str,
-        config: GptqConfig,
-        shape: Option<(usize, usize)>,
-    ) -> Result<Self> {
-        config.validate()?;
-        let name = |key: &str| format!("{prefix}{key}");
-        let qweight_t = file.get(&name("qweight"))?;
-        let [rows, cols] = matrix_shape(qweight_t)?;
-        let qweight = exact(qweight_t, qweight_t.to_u32_words()?)?;
-        let stored_g_idx = match file.contains(&name("g_idx")) {
-            true => Some(read_g_idx(file.get(&name("g_idx"))?)?),
-            false => None,
-        };
-        let (in_features, out_features) = match shape {
-            Some((k, n)) if n == cols => (k, n),
-            Some((_, n)) => {
-                return Err(Error::shape(
-                    &qweight_t.name,
-                    format!("[_, {n}]"),
-                    &qweight_t.shape,
-                ));
-            }
-            None => (
-                infer_in_features(qweight_t, rows, stored_g_idx.as_deref(), config.bits)?,
-                cols,
-            ),
-        };
-        if in_features == 0 || out_features == 0 {
-            return Err(Error::shape(
-                &qweight_t.name,
-                "a non-empty layer",
-                &qweight_t.shape,
-            ));
-        }
-        let k_source = match (shape, &stored_g_idx) {
-            (None, Some(_)) => format!(" (the length of `{}`)", name("g_idx")),
-            _ => String::new(),
-        };
-        check_packed_dim(qweight_t, 0, in_features, config.bits, &k_source)?;
-        let groups = config.groups(in_features);
-        let qzeros_t = file.get(&name("qzeros"))?;
-        let [zero_rows, _] = matrix_shape(qzeros_t)?;
-        if zero_rows != groups {
-            return Err(groups_error(qzeros_t, groups, &config, in_features));
-        }
-        check_packed_dim(qzeros_t, 1, out_features, config.bits, "")?;
-        let qzeros = exact(qzeros_t, qzeros_t.to_u32_words()?)?;
-        let scales = read_scales(
-            file.get(&name("scales"))?,
-            groups,
-            out_features,
-            &config,
-            in_features,
-        )?;
-        let g_idx = match stored_g_idx {
-            Some(g) => {
-                check_g_idx(&name("g_idx"), &g, in_features, groups)?;
-                g
-            }
-            None if config.desc_act => {
-                return Err(Error::config(format!(
-                    "`{}` is missing but desc_act is set, so the groups of the inputs are unknown",
-                    name("g_idx")
-                )));
-            }
-            None => default_g_idx(in_features, &config),
-        };
-        let bias = match file.contains(&name("bias")) {
-            true => Some(read_vector(file.get(&name("bias"))?, out_features)?),
-            false => None,
-        };
-        Ok(Self {
-            config,
-            in_features,
-            out_features,
-            qweight,
-            qzeros,
-            scales,
-            g_idx,
-            bias,
-            groups,
-        })
-    }
-
     /// Quantizes a dense `[out, in]` weight with round-to-nearest (AutoGPTQ's min-max params per
     /// group and output, no Hessian) and packs it. `g_idx` defaults to `k / group_size`; give a
     /// shuffled one to mimic act-order. No bias.
     pub fn quantize_rtn(w: &Matrix, config: GptqConfig, g_idx: Option<Vec<u32>>) -> Result<Self> {
-        config.validate()?;
-        check_finite("weight", &w.data)?;
-        let (out_features, in_features) = (w.rows, w.cols);
-        if in_features == 0 || out_features == 0 || w.data.len() != in_features * out_features {
-            return Err(Error::shape(
-                "weight",
-                "a non-empty [out, in] matrix",
-                &[w.rows, w.cols],
-            ));
-        }
-        let groups = config.groups(in_features);
-        let g_idx = match g_idx {
-            Some(g) => {
-                check_g_idx("g_idx", &g, in_features, groups)?;
-                g
-            }
-            None => default_g_idx(in_features, &config),
-        };
-        let params = quantize::find_params(w, &g_idx, groups, &config)?;
-        let max_code = config.max_code();
-        let mut qweight = vec![0u32; words_for(in_features, config.bits)? * out_features];
-        for n in 0..out_features {
-            let column = qweight_stream(n, out_features, config.bits);
-            for (k, (v, g)) in w.row(n).iter().zip(&g_idx).enumerate() {
-                let p = *g as usize * out_features + n;
-                let q = quantize::code(*v, params.scales[p], params.zeros[p], max_code);
-                column.put(&mut qweight, k, q);
-            }
-        }
-        let zero_cols = words_for(out_features, config.bits)?;
-        let mut qzeros = vec![0u32; groups * zero_cols];
-        for (g, zeros) in params.zeros.chunks_exact(out_features).enumerate() {
-            let row = qzeros_stream(g, zero_cols, config.bits);
-            for (n, z) in zeros.iter().enumerate() {
-                let stored = match config.zeros {
-                    // Masked by `put`: a zero of 0 is stored as all ones, as AutoGPTQ's v1 does.
-                    GptqZeros::V1 => z.wrapping_sub(1),
-                    GptqZeros::V2 => *z,
-                };
-                row.put(&mut qzeros, n, stored);
-            }
-        }
-        Ok(Self {
-            config,
-            in_features,
-            out_features,
-            qweight,
-            qzeros,
-            scales: params.scales,
-            g_idx,
-            bias: None,
-            groups,
-        })
+        quantize::quantize_rtn(w, config, g_idx)
     }
 
     /// The code of input `k`, output `n`. Panics if either is out of range.
@@ -222,7 +83,7 @@ impl GptqWeight {
             k < self.in_features && n < self.out_features,
             "code ({k}, {n}) out of range"
         );
-        qweight_stream(n, self.out_features, self.config.bits).get(&self.qweight, k)
+        Stream::qweight_column(n, self.out_features, self.config.bits).get(&self.qweight, k)
     }
 
     /// The true zero point of group `g`, output `n` (v1 fields decoded as `(field + 1) & mask`).
@@ -232,7 +93,8 @@ impl GptqWeight {
             g < self.groups && n < self.out_features,
             "zero ({g}, {n}) out of range"
         );
-        let field = qzeros_stream(g, self.qzeros_cols(), self.config.bits).get(&self.qzeros, n);
+        let field =
+            Stream::qzeros_row(g, self.qzeros_cols(), self.config.bits).get(&self.qzeros, n);
         match self.config.zeros {
             GptqZeros::V1 => (field + 1) & self.config.max_code(),
             GptqZeros::V2 => field,
@@ -308,22 +170,6 @@ pub(crate) fn tensor_prefix(module: &str) -> String {
     }
 }
 
-fn qweight_stream(n: usize, out_features: usize, bits: u32) -> Stream {
-    Stream {
-        first: n,
-        stride: out_features,
-        bits,
-    }
-}
-
-fn qzeros_stream(g: usize, cols: usize, bits: u32) -> Stream {
-    Stream {
-        first: g * cols,
-        stride: 1,
-        bits,
-    }
-}
-
 fn default_g_idx(in_features: usize, config: &GptqConfig) -> Vec<u32> {
     let len = config.group_len(in_features);
     (0..in_features).map(|k| (k / len) as u32).collect()
@@ -344,139 +190,6 @@ fn check_g_idx(name: &str, g_idx: &[u32], in_features: usize, groups: usize) -> 
             g_idx[k]
         ))),
     }
-}
-
-fn matrix_shape(t: &HostTensor) -> Result<[usize; 2]> {
-    match t.shape[..] {
-        [rows, cols] => Ok([rows, cols]),
-        _ => Err(Error::shape(&t.name, "a 2-D shape", &t.shape)),
-    }
-}
-
-/// Values decoded from `t`, checked to be exactly as many as its shape says.
-fn exact<T>(t: &HostTensor, values: Vec<T>) -> Result<Vec<T>> {
-    if values.len() != t.numel() {
-        return Err(Error::shape(
-            &t.name,
-            format!("{} values for its shape", t.numel()),
-            &[values.len()],
-        ));
-    }
-    Ok(values)
-}
-
-/// in_features when no shape is given: the length of `g_idx`, else what the qweight rows hold.
-fn infer_in_features(
-    qweight: &HostTensor,
-    rows: usize,
-    g_idx: Option<&[u32]>,
-    bits: u32,
-) -> Result<usize> {
-    if let Some(g) = g_idx {
-        return Ok(g.len());
-    }
-    let stored_bits = rows * 32;
-    if !stored_bits.is_multiple_of(bits as usize) {
-        return Err(Error::config(format!(
-            "cannot tell in_features of `{}`: {rows} rows of {bits}-bit codes and no g_idx; \
-             give the layer's shape (from_tensors_with_shape)",
-            qweight.name
-        )));
-    }
-    Ok(stored_bits / bits as usize)
-}
-
-/// Checks the packed dimension `dim` of `t`, which holds `count` codes. AutoGPTQ sizes it
-/// `count / 32 * bits`, dropping codes when `count % 32 != 0`; that loss is reported as such.
-fn check_packed_dim(t: &HostTensor, dim: usize, count: usize, bits: u32, note: &str) -> Result<()> {
-    let expected = words_for(count, bits)?;
-    let found = t.shape[dim];
-    if found == expected {
-        return Ok(());
-    }
-    let mut want = t.shape.clone();
-    want[dim] = expected;
-    let what = if dim == 0 {
-        "in_features"
-    } else {
-        "out_features"
-    };
-    let detail = if !count.is_multiple_of(32) && found == count / 32 * bits as usize {
-        format!(
-            "; {found} is AutoGPTQ's truncation, which drops the codes of {what} {}..{count}",
-            count / 32 * 32
-        )
-    } else {
-        String::new()
-    };
-    Err(Error::shape(
-        &t.name,
-        format!("{want:?} for {what} {count}{note}{detail}"),
-        &t.shape,
-    ))
-}
-
-fn groups_error(t: &HostTensor, groups: usize, config: &GptqConfig, in_features: usize) -> Error {
-    let group = config
-        .group_size
-        .map_or("-1".to_string(), |g| g.to_string());
-    Error::shape(
-        &t.name,
-        format!("{groups} rows (in_features {in_features}, group_size {group})"),
-        &t.shape,
-    )
-}
-
-fn read_scales(
-    t: &HostTensor,
-    groups: usize,
-    out_features: usize,
-    config: &GptqConfig,
-    in_features: usize,
-) -> Result<Vec<f32>> {
-    if t.dtype != Dtype::F16 {
-        return Err(Error::Dtype {
-            name: t.name.clone(),
-            expected: "F16".to_string(),
-            found: format!("{:?}", t.dtype),
-        });
-    }
-    let [rows, _] = matrix_shape(t)?;
-    if rows != groups {
-        return Err(groups_error(t, groups, config, in_features));
-    }
-    t.expect_shape(&[groups, out_features])?;
-    exact(t, t.to_finite_f32()?)
-}
-
-fn read_g_idx(t: &HostTensor) -> Result<Vec<u32>> {
-    if !matches!(t.dtype, Dtype::I32 | Dtype::I64) {
-        return Err(Error::Dtype {
-            name: t.name.clone(),
-            expected: "I32".to_string(),
-            found: format!("{:?}", t.dtype),
-        });
-    }
-    if t.shape.len() != 1 {
-        return Err(Error::shape(&t.name, "[in_features]", &t.shape));
-    }
-    exact(t, t.to_i64()?)?
-        .into_iter()
-        .enumerate()
-        .map(|(k, g)| {
-            u32::try_from(g).map_err(|_| {
-                Error::config(format!(
-                    "tensor `{}`: input {k} has group index {g}",
-                    t.name
-                ))
-            })
-        })
-        .collect()
-}
-
-fn read_vector(t: &HostTensor, len: usize) -> Result<Vec<f32>> {
-    t.expect_shape(&[len])?;
-    exact(t, t.to_finite_f32()?)
 }
 
 #[cfg(test)]

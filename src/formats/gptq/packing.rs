@@ -25,6 +25,24 @@ pub struct Stream {
 }
 
 impl Stream {
+    /// Column `n` of `qweight` (`out_features` words per row): codes along in_features.
+    pub fn qweight_column(n: usize, out_features: usize, bits: u32) -> Self {
+        Self {
+            first: n,
+            stride: out_features,
+            bits,
+        }
+    }
+
+    /// Row `g` of `qzeros` (`cols` words per row): zeros along out_features.
+    pub fn qzeros_row(g: usize, cols: usize, bits: u32) -> Self {
+        Self {
+            first: g * cols,
+            stride: 1,
+            bits,
+        }
+    }
+
     fn locate(&self, index: usize) -> (usize, u32) {
         let bit = index * self.bits as usize;
         (self.first + (bit / 32) * self.stride, (bit % 32) as u32)

@@ -2,20 +2,59 @@
 //! `find_params` per (group, output), then the codes recomputed from the fp16 scales, as
 //! AutoGPTQ's `pack()` does.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_finite};
 use crate::tensor::{Matrix, round_f16};
 
-use super::GptqConfig;
+use super::packing::{Stream, words_for};
+use super::{GptqConfig, GptqWeight, GptqZeros, check_g_idx, default_g_idx};
+
+/// See [`GptqWeight::quantize_rtn`].
+pub(super) fn quantize_rtn(
+    w: &Matrix,
+    config: GptqConfig,
+    g_idx: Option<Vec<u32>>,
+) -> Result<GptqWeight> {
+    config.validate()?;
+    check_finite("weight", &w.data)?;
+    let (out_features, in_features) = (w.rows, w.cols);
+    if in_features == 0 || out_features == 0 || w.data.len() != in_features * out_features {
+        return Err(Error::shape(
+            "weight",
+            "a non-empty [out, in] matrix",
+            &[w.rows, w.cols],
+        ));
+    }
+    let groups = config.groups(in_features);
+    let g_idx = match g_idx {
+        Some(g) => {
+            check_g_idx("g_idx", &g, in_features, groups)?;
+            g
+        }
+        None => default_g_idx(in_features, &config),
+    };
+    let params = find_params(w, &g_idx, groups, &config)?;
+    Ok(GptqWeight {
+        config,
+        in_features,
+        out_features,
+        qweight: pack_codes(w, &g_idx, &params, &config)?,
+        qzeros: pack_zeros(&params.zeros, out_features, groups, &config)?,
+        scales: params.scales,
+        g_idx,
+        bias: None,
+        groups,
+    })
+}
 
 /// Per (group, output) parameters, row-major `[groups, out]`.
-pub(super) struct GroupParams {
+struct GroupParams {
     /// Already rounded to f16, as stored.
-    pub scales: Vec<f32>,
-    pub zeros: Vec<u32>,
+    scales: Vec<f32>,
+    zeros: Vec<u32>,
 }
 
 /// `find_params` over the members of each group (`g_idx[k] == g`) of every output row of `w`.
-pub(super) fn find_params(
+fn find_params(
     w: &Matrix,
     g_idx: &[u32],
     groups: usize,
@@ -71,9 +110,52 @@ fn min_max_params(mut lo: f32, mut hi: f32, config: &GptqConfig) -> (f32, u32) {
     (scale, zero)
 }
 
+/// `qweight`, `[ceil(K*bits/32), N]`: the code of every weight, packed down its column.
+fn pack_codes(
+    w: &Matrix,
+    g_idx: &[u32],
+    params: &GroupParams,
+    config: &GptqConfig,
+) -> Result<Vec<u32>> {
+    let n_out = w.rows;
+    let mut qweight = vec![0u32; words_for(w.cols, config.bits)? * n_out];
+    for n in 0..n_out {
+        let column = Stream::qweight_column(n, n_out, config.bits);
+        for (k, (v, g)) in w.row(n).iter().zip(g_idx).enumerate() {
+            let p = *g as usize * n_out + n;
+            let q = code(*v, params.scales[p], params.zeros[p], config.max_code());
+            column.put(&mut qweight, k, q);
+        }
+    }
+    Ok(qweight)
+}
+
+/// `qzeros`, `[groups, ceil(N*bits/32)]`, in the configured v1 or v2 convention.
+fn pack_zeros(
+    zeros: &[u32],
+    out_features: usize,
+    groups: usize,
+    config: &GptqConfig,
+) -> Result<Vec<u32>> {
+    let cols = words_for(out_features, config.bits)?;
+    let mut qzeros = vec![0u32; groups * cols];
+    for (g, row_zeros) in zeros.chunks_exact(out_features).enumerate() {
+        let row = Stream::qzeros_row(g, cols, config.bits);
+        for (n, z) in row_zeros.iter().enumerate() {
+            let stored = match config.zeros {
+                // Masked by `put`: a zero of 0 is stored as all ones, as AutoGPTQ's v1 does.
+                GptqZeros::V1 => z.wrapping_sub(1),
+                GptqZeros::V2 => *z,
+            };
+            row.put(&mut qzeros, n, stored);
+        }
+    }
+    Ok(qzeros)
+}
+
 /// `clamp(round(w / scale) + zero, 0, max_code)` with round half to even. A scale that
 /// underflowed to 0 in f16 dequantizes to 0 whatever the code, so the code is the zero.
-pub(super) fn code(w: f32, scale: f32, zero: u32, max_code: u32) -> u32 {
+fn code(w: f32, scale: f32, zero: u32, max_code: u32) -> u32 {
     if scale == 0.0 {
         return zero;
     }
