@@ -523,6 +523,45 @@ fn gptq_in_features_without_g_idx_come_from_whole_words() {
     }
 }
 
+#[test]
+fn gptq_load_reads_either_config_file() {
+    let dir = std::env::temp_dir().join(format!("quantadapt-gptq-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut rng = seeded_rng("gptq_load_reads_either_config_file");
+    let config = GptqConfig {
+        zeros: GptqZeros::V2,
+        ..gptq4()
+    };
+    let (_, q) = random_layer(&mut rng, config, (40, 200));
+    gptq_file(&q, "model.layers.3.mlp.up_proj.")
+        .save(dir.join("model.safetensors"))
+        .unwrap();
+    let load = || GptqWeight::load(&dir, "model.layers.3.mlp.up_proj");
+
+    assert_mentions(
+        &load().unwrap_err().to_string(),
+        &["neither quantize_config.json nor config.json"],
+    );
+    let model_config = r#"{"quantization_config": {"bits": 4, "group_size": 64, "sym": false,
+        "desc_act": false, "checkpoint_format": "gptq_v2", "quant_method": "gptq"}}"#;
+    std::fs::write(dir.join("config.json"), model_config).unwrap();
+    assert_eq!(load().unwrap(), q);
+    // quantize_config.json comes first; without checkpoint_format it means v1 zeros.
+    let quantize_config = r#"{"bits": 4, "group_size": 64, "sym": false, "desc_act": false}"#;
+    std::fs::write(dir.join("quantize_config.json"), quantize_config).unwrap();
+    assert_eq!(load().unwrap().config.zeros, GptqZeros::V1);
+    std::fs::write(
+        dir.join("quantize_config.json"),
+        r#"{"bits": 4, "checkpoint_format": "marlin"}"#,
+    )
+    .unwrap();
+    assert_mentions(
+        &load().unwrap_err().to_string(),
+        &["quantize_config.json", "Marlin"],
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Malformed input: an error naming the tensor, never a panic
 
@@ -882,9 +921,7 @@ fn eetq_quantize_rejects_non_finite_weights_and_keeps_zero_channels() {
     assert_eq!(channel(0), vec![127; 64]);
     assert_eq!(
         channel(1),
-        (0..64)
-            .map(|k| (k * 4 - 128) as i8)
-            .collect::<Vec<_>>()
+        (0..64).map(|k| (k * 4 - 128) as i8).collect::<Vec<_>>()
     );
     assert!(q.dequantize().row(0).iter().all(|v| *v == 0.0));
     assert_eq!(q.dequantize(), w);

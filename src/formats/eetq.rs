@@ -35,9 +35,9 @@ impl EetqLayout {
     /// Fails unless a `[k_in, n_out]` tensor can be stored in this layout.
     fn check_shape(self, name: &str, k_in: usize, n_out: usize) -> Result<()> {
         let ok = match self {
-            // The closed-form map below tiles K by 64 and pairs columns. EETQ itself also demands
-            // N % 64, which the golden o96 checkpoints do not meet, so only what the map needs is
-            // checked.
+            // The index map tiles K by 64 and pairs columns. EETQ's preprocessor also refuses
+            // N % 64 != 0, but files with other even N (the o96 golden vectors) decode without
+            // ambiguity, so only what the map needs is checked.
             Self::Cutlass => k_in.is_multiple_of(64) && n_out.is_multiple_of(2),
             Self::RowMajorOffsetSwizzled => (k_in * n_out).is_multiple_of(4),
             Self::Plain => true,
