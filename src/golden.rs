@@ -12,6 +12,9 @@ use crate::adapters::oft::OftAdapter;
 use crate::adapters::peft_dir::PeftAdapterDir;
 use crate::error::{Error, Result};
 use crate::formats::QuantFormat;
+use crate::formats::QuantWeight;
+use crate::formats::eetq::EetqWeight;
+use crate::formats::gptq::GptqWeight;
 use crate::formats::hqq::{self, ComputeDtype, Grouping, HqqConfig, HqqWeight};
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
 use crate::io::TensorFile;
@@ -142,7 +145,7 @@ fn run_case(dir: &Path, spec: &Value, backend: Backend, gpu: Option<&GpuContext>
         "hqq_quant" => hqq_quant(&case, gpu),
         "hqq_f16" => hqq_f16(&case, gpu),
         "oft_hqq" => {
-            oft_hqq_forward(&case, gpu)?;
+            oft_forward(&case, QuantWeight::Hqq(hqq_base(&case)?), gpu)?;
             Err(Error::Unsupported(
                 "forward checks pass (R, y, y_disabled); merge / unmerge (y_merged, y_unmerged, merged.*) not implemented yet".into(),
             ))
@@ -153,10 +156,7 @@ fn run_case(dir: &Path, spec: &Value, backend: Backend, gpu: Option<&GpuContext>
                 "forward checks pass (y_a, y_b, y_disabled); mixed batches and merge / unmerge not implemented yet".into(),
             ))
         }
-        kind @ ("oft_gptq" | "oft_eetq") => Err(Error::Unsupported(format!(
-            "kind `{kind}`: the {} format is not implemented yet",
-            if kind == "oft_gptq" { "GPTQ" } else { "EETQ" }
-        ))),
+        "oft_gptq" | "oft_eetq" => oft_forward(&case, forward_only_base(&case)?, gpu),
         other => Err(Error::Unsupported(format!("unknown case kind `{other}`"))),
     }
 }
@@ -314,18 +314,47 @@ fn tolerance(gpu: Option<&GpuContext>) -> f64 {
     }
 }
 
-/// PEFT's OFT forward on an HQQ base: `y = base(x · R)`, and the base alone when disabled.
-fn oft_hqq_forward(case: &Case, gpu: Option<&GpuContext>) -> Result<()> {
-    let base = hqq_base(case)?;
+/// The GPTQ or EETQ base of a forward-only case, from its checkpoint directory, checked against
+/// the codes and dequantized weight the case records.
+fn forward_only_base(case: &Case) -> Result<QuantWeight> {
+    let checkpoint = case
+        .dir
+        .join(case.spec["checkpoint_dir"].as_str().unwrap_or("checkpoint"));
+    let module = case.spec["module"]
+        .as_str()
+        .ok_or_else(|| Error::config("manifest: `module` missing"))?;
+    let base = if case.spec["kind"] == "oft_gptq" {
+        let w = GptqWeight::load(&checkpoint, module)?;
+        if w.codes() != case.tensors.get("base.codes")?.to_u8()? {
+            return Err(Error::config("GPTQ codes differ from base.codes"));
+        }
+        QuantWeight::Gptq(w)
+    } else {
+        let w = EetqWeight::load(&checkpoint, module)?;
+        let plain = case.tensors.get("base.weight_unprocessed")?.to_i8()?;
+        if w.codes != plain {
+            return Err(Error::config(
+                "decoded EETQ codes differ from base.weight_unprocessed",
+            ));
+        }
+        QuantWeight::Eetq(w)
+    };
+    exact(
+        "base.W_deq",
+        &base.dequantize().data,
+        &case.f32("base.W_deq")?,
+    )?;
+    Ok(base)
+}
+
+/// PEFT's OFT forward on a quantized base: `y = base(x · R)`, and the base alone when disabled.
+/// On the GPU the base's dequantization is checked bit-exact too.
+fn oft_forward(case: &Case, base: QuantWeight, gpu: Option<&GpuContext>) -> Result<()> {
     let adapter_dir = case
         .dir
         .join(case.spec["adapter_dir"].as_str().unwrap_or("adapter"));
-    let oft = OftAdapter::from_peft_dir(
-        "default",
-        &PeftAdapterDir::open(&adapter_dir)?,
-        None,
-        base.in_features,
-    )?;
+    let dir = PeftAdapterDir::open(&adapter_dir)?;
+    let oft = OftAdapter::from_peft_dir("default", &dir, None, base.in_features())?;
     within(
         "R",
         &oft.full_rotation().data,
@@ -333,10 +362,11 @@ fn oft_hqq_forward(case: &Case, gpu: Option<&GpuContext>) -> Result<()> {
         CPU_TOLERANCE,
     )?;
     if case.tensors.contains("oft_R_weight_after_coft") {
+        let reference = case.f32("oft_R_weight_after_coft")?;
         within(
             "oft_R_weight_after_coft",
             oft.params(),
-            &case.f32("oft_R_weight_after_coft")?,
+            &reference,
             CPU_TOLERANCE,
         )?;
     }
@@ -347,9 +377,18 @@ fn oft_hqq_forward(case: &Case, gpu: Option<&GpuContext>) -> Result<()> {
             base.forward_cpu(&x)?,
         ),
         Some(ctx) => {
-            let layer = GpuQuantWeight::from_hqq(ctx, &base)?;
-            let rotation =
-                GpuOft::upload(ctx, &oft.blocks_flat(), oft.block_size(), base.in_features)?;
+            let layer = GpuQuantWeight::upload(ctx, &base)?;
+            exact(
+                "GPU base.W_deq",
+                &layer.dequantize(ctx)?.data,
+                &case.f32("base.W_deq")?,
+            )?;
+            let rotation = GpuOft::upload(
+                ctx,
+                &oft.blocks_flat(),
+                oft.block_size(),
+                base.in_features(),
+            )?;
             let xg = GpuTensor::upload(ctx, &x, ActDtype::F32)?;
             let rotated = rotation.rotate(ctx, &xg)?;
             (

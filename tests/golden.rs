@@ -6,7 +6,7 @@ mod common;
 use common::{golden_dir, gpu};
 use quantadapt::golden::{self, Backend};
 
-const IMPLEMENTED: &[&str] = &["hqq_quant", "hqq_f16"];
+const IMPLEMENTED: &[&str] = &["hqq_quant", "hqq_f16", "oft_gptq", "oft_eetq"];
 
 #[test]
 fn golden_cases_pass_on_cpu_and_gpu() {

@@ -29,3 +29,47 @@ pub trait QuantFormat {
         Ok(y)
     }
 }
+
+/// A base weight in any of the supported formats.
+#[derive(Clone, Debug)]
+pub enum QuantWeight {
+    Hqq(hqq::HqqWeight),
+    Gptq(gptq::GptqWeight),
+    Eetq(eetq::EetqWeight),
+}
+
+impl QuantWeight {
+    fn inner(&self) -> &dyn QuantFormat {
+        match self {
+            Self::Hqq(w) => w,
+            Self::Gptq(w) => w,
+            Self::Eetq(w) => w,
+        }
+    }
+}
+
+impl QuantFormat for QuantWeight {
+    fn format_name(&self) -> &'static str {
+        self.inner().format_name()
+    }
+
+    fn out_features(&self) -> usize {
+        self.inner().out_features()
+    }
+
+    fn in_features(&self) -> usize {
+        self.inner().in_features()
+    }
+
+    fn bias(&self) -> Option<&[f32]> {
+        self.inner().bias()
+    }
+
+    fn dequantize(&self) -> Matrix {
+        self.inner().dequantize()
+    }
+
+    fn packed_bytes(&self) -> usize {
+        self.inner().packed_bytes()
+    }
+}

@@ -1,7 +1,11 @@
 //! EETQ's buffers for the quantized matmul family (`shaders/formats/eetq.wgsl`).
 
+use crate::error::Result;
+use crate::formats::eetq::EetqWeight;
+use crate::gpu::GpuContext;
+use crate::gpu::buffers::{storage_from_bytes, storage_from_f32};
 use crate::gpu::shaders::ShaderKey;
-use crate::kernels::quant::FormatShader;
+use crate::kernels::quant::{FormatShader, GpuQuantWeight};
 
 /// The dequantized weight is fp16 (`COMPUTE` in `shaders/common/rounding.wgsl`).
 const F16_COMPUTE: u32 = 1;
@@ -15,4 +19,22 @@ pub(crate) fn shader() -> FormatShader {
 
 pub fn shader_keys() -> Vec<ShaderKey> {
     shader().keys()
+}
+
+impl GpuQuantWeight {
+    /// Uploads an EETQ weight: int8 codes (plain `[in, out]`) and one scale per output.
+    pub fn from_eetq(ctx: &GpuContext, w: &EetqWeight) -> Result<Self> {
+        let codes: Vec<u8> = w.codes.iter().map(|c| *c as u8).collect();
+        let bindings = vec![
+            (2, storage_from_bytes(ctx, "eetq codes", &codes)?),
+            (3, storage_from_f32(ctx, "eetq scales", &w.scales)?),
+        ];
+        Self::new(
+            ctx,
+            (w.out_features, w.in_features),
+            shader(),
+            bindings,
+            w.bias.as_deref(),
+        )
+    }
 }

@@ -1,10 +1,22 @@
 //! GPTQ's buffers for the quantized matmul family (`shaders/formats/gptq.wgsl`).
 
+use crate::error::Result;
+use crate::formats::gptq::{GptqWeight, GptqZeros};
+use crate::gpu::GpuContext;
+use crate::gpu::buffers::{storage_from_bytes, storage_from_f32, uniform};
 use crate::gpu::shaders::ShaderKey;
-use crate::kernels::quant::FormatShader;
+use crate::kernels::quant::{FormatShader, GpuQuantWeight};
 
 /// The dequantized weight is fp16 (`COMPUTE` in `shaders/common/rounding.wgsl`).
 const F16_COMPUTE: u32 = 1;
+
+/// Mirrors `FormatParams` in `shaders/formats/gptq.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+struct GptqParams {
+    zero_words: u32,
+    pad: [u32; 3],
+}
 
 /// The specialization for `bits` (2, 3, 4 or 8) and the zero convention (`v1`: stored minus one).
 pub(crate) fn shader(bits: u32, v1: bool) -> FormatShader {
@@ -26,4 +38,37 @@ pub fn shader_keys() -> Vec<ShaderKey> {
         }
     }
     keys
+}
+
+impl GpuQuantWeight {
+    /// Uploads a GPTQ weight as stored: packed qweight and qzeros words, scales, g_idx.
+    pub fn from_gptq(ctx: &GpuContext, w: &GptqWeight) -> Result<Self> {
+        let params = GptqParams {
+            zero_words: w.qzeros_cols() as u32,
+            pad: [0; 3],
+        };
+        let bindings = vec![
+            (1, uniform(ctx, "gptq params", &params)),
+            (
+                2,
+                storage_from_bytes(ctx, "gptq qweight", bytemuck::cast_slice(&w.qweight))?,
+            ),
+            (
+                3,
+                storage_from_bytes(ctx, "gptq qzeros", bytemuck::cast_slice(&w.qzeros))?,
+            ),
+            (4, storage_from_f32(ctx, "gptq scales", &w.scales)?),
+            (
+                5,
+                storage_from_bytes(ctx, "gptq g_idx", bytemuck::cast_slice(&w.g_idx))?,
+            ),
+        ];
+        Self::new(
+            ctx,
+            (w.out_features, w.in_features),
+            shader(w.config.bits, w.config.zeros == GptqZeros::V1),
+            bindings,
+            w.bias.as_deref(),
+        )
+    }
 }

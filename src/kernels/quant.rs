@@ -3,6 +3,7 @@
 //! `dequant_weight(n, k)` (`shaders/formats/<format>.wgsl`).
 
 use crate::error::{Error, Result};
+use crate::formats::QuantWeight;
 use crate::gpu::buffers::{POISON_F32, read_buffer, storage_from_bytes, storage_from_f32, uniform};
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
@@ -110,6 +111,15 @@ impl GpuQuantWeight {
             has_bias: bias.is_some(),
             resident_bytes,
         })
+    }
+
+    /// Uploads a base weight of any format, still packed.
+    pub fn upload(ctx: &GpuContext, weight: &QuantWeight) -> Result<Self> {
+        match weight {
+            QuantWeight::Hqq(w) => Self::from_hqq(ctx, w),
+            QuantWeight::Gptq(w) => Self::from_gptq(ctx, w),
+            QuantWeight::Eetq(w) => Self::from_eetq(ctx, w),
+        }
     }
 
     /// Bytes this layer keeps on the GPU (packed weight, its metadata, bias).
