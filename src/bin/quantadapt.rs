@@ -5,12 +5,17 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use quantadapt::adapters::lora::LoraAdapter;
+use quantadapt::adapters::oft::{OftAdapter, Parameterization};
 use quantadapt::formats::QuantFormat;
 use quantadapt::formats::hqq::{HqqConfig, HqqWeight};
 use quantadapt::golden::{self, Backend};
 use quantadapt::gpu::timing::{median, time_pass};
 use quantadapt::gpu::{ActDtype, GpuContext, GpuTensor};
+use quantadapt::kernels::Dispatch;
 use quantadapt::kernels::MatmulPath;
+use quantadapt::kernels::lora::GpuLora;
+use quantadapt::kernels::oft::GpuOft;
 use quantadapt::kernels::quant::GpuQuantWeight;
 use quantadapt::tensor::{Matrix, max_rel_error};
 use quantadapt::{Error, Result};
@@ -72,32 +77,71 @@ fn random_matrix(rows: usize, cols: usize, scale: f32) -> Matrix {
     Matrix { rows, cols, data }
 }
 
+/// The synthetic layer of the demo: a 4-bit HQQ base, an OFT adapter (b = 32, exact Cayley) on
+/// its input and a LoRA adapter (r = 16) on its output.
+struct DemoLayer {
+    base: HqqWeight,
+    oft: OftAdapter,
+    lora: LoraAdapter,
+}
+
+impl DemoLayer {
+    fn new(out: usize, inp: usize) -> Result<Self> {
+        let base = HqqWeight::quantize(
+            &random_matrix(out, inp, 0.05),
+            Some(random_matrix(1, out, 0.1).data),
+            &HqqConfig::new(4, 64, 1),
+        )?;
+        let b = 32;
+        let oft_params = random_matrix(inp / b, b * (b - 1) / 2, 0.01);
+        let oft = OftAdapter::from_params(
+            "oft",
+            inp,
+            oft_params,
+            Parameterization::Cayley,
+            None,
+            false,
+        )?;
+        let r = 16;
+        let lora = LoraAdapter::from_matrices(
+            "lora",
+            inp,
+            out,
+            random_matrix(r, inp, 0.05),
+            random_matrix(out, r, 0.05),
+            2.0,
+            None,
+        )?;
+        Ok(Self { base, oft, lora })
+    }
+
+    fn forward_cpu(&self, x: &Matrix) -> Result<Matrix> {
+        let mut y = self.base.forward_cpu(&self.oft.rotate_cpu(x)?)?;
+        let weight = self.base.dequantize();
+        self.lora.apply_cpu(x, &mut y, self.base.bias(), &weight)?;
+        Ok(y)
+    }
+}
+
 fn demo() -> Result<ExitCode> {
     let (out, inp) = (2048, 2048);
-    let config = HqqConfig::new(4, 64, 1);
-    println!("quantadapt demo: HQQ 4-bit, group 64, axis 1, layer {out}x{inp}");
-    let started = Instant::now();
-    let layer = HqqWeight::quantize(
-        &random_matrix(out, inp, 0.05),
-        Some(random_matrix(1, out, 0.1).data),
-        &config,
-    )?;
     println!(
-        "  quantized on the CPU (half-quadratic solver) in {:.1} ms",
-        started.elapsed().as_secs_f64() * 1e3
+        "quantadapt demo: HQQ 4-bit (group 64, axis 1) {out}x{inp} + OFT (b=32, Cayley) + LoRA (r=16)"
     );
+    let started = Instant::now();
+    let layer = DemoLayer::new(out, inp)?;
     println!(
-        "  packed layer: {} bytes (dense f16: {} bytes)",
-        layer.packed_bytes(),
+        "  quantized on the CPU (half-quadratic solver) in {:.0} ms; packed base {} bytes (dense f16 {} bytes)",
+        started.elapsed().as_secs_f64() * 1e3,
+        layer.base.packed_bytes(),
         out * inp * 2
     );
     let ctx = match GpuContext::new() {
         Ok(ctx) => ctx,
         Err(e) => {
             println!("  note: {e}; running the CPU reference only");
-            let x = random_matrix(1, inp, 1.0);
             let t = Instant::now();
-            layer.forward_cpu(&x)?;
+            layer.forward_cpu(&random_matrix(1, inp, 1.0))?;
             println!(
                 "  CPU forward M=1: {:.3} ms",
                 t.elapsed().as_secs_f64() * 1e3
@@ -106,34 +150,47 @@ fn demo() -> Result<ExitCode> {
         }
     };
     println!("  device: {}", ctx.describe());
-    let gpu_layer = GpuQuantWeight::from_hqq(&ctx, &layer)?;
+    let base = GpuQuantWeight::from_hqq(&ctx, &layer.base)?;
+    let oft = GpuOft::upload(&ctx, &layer.oft.blocks_flat(), layer.oft.block_size(), inp)?;
+    let lora = GpuLora::upload(
+        &ctx,
+        layer.lora.a(),
+        layer.lora.b(),
+        layer.lora.scaling(),
+        None,
+    )?;
     let mut worst = 0f64;
-    for (m, path) in [
-        (1, MatmulPath::Gemv),
-        (8, MatmulPath::Gemv),
-        (64, MatmulPath::Tiled),
-    ] {
+    for m in [1, 8, 64] {
         let x = random_matrix(m, inp, 1.0);
         let t = Instant::now();
         let reference = layer.forward_cpu(&x)?;
         let cpu_ms = t.elapsed().as_secs_f64() * 1e3;
+        let path = MatmulPath::for_rows(m);
         let xg = GpuTensor::upload(&ctx, &x, ActDtype::F32)?;
-        let y = gpu_layer.forward_with(&ctx, &xg, path)?.download(&ctx)?;
-        let err = max_rel_error(&y.data, &reference.data);
+        let rotated = GpuTensor::poisoned(&ctx, m, inp, ActDtype::F32)?;
+        let y = GpuTensor::poisoned(&ctx, m, out, ActDtype::F32)?;
+        let rotate = oft.prepare(&ctx, &xg, &rotated)?;
+        let matmul = base.prepare(&ctx, &rotated, &y, path)?;
+        let [shrink, expand] = lora.prepare(&ctx, &xg, &y, Some(base.bias_buffer()))?;
+        let steps = [&rotate, &matmul, &shrink, &expand];
+        Dispatch::run_all(&ctx, &steps)?;
+        let err = max_rel_error(&y.download(&ctx)?.data, &reference.data);
         worst = worst.max(err);
         let timing = if ctx.has_timestamps() {
-            let yg = GpuTensor::poisoned(&ctx, m, out, ActDtype::F32)?;
-            let dispatch = gpu_layer.prepare(&ctx, &xg, &yg, path)?;
-            let times = time_pass(&ctx, 7, |pass| dispatch.record(pass))?;
+            let layer_us = median(&time_pass(&ctx, 5, |pass| {
+                steps.iter().for_each(|d| d.record(pass))
+            })?);
+            let base_us = median(&time_pass(&ctx, 5, |pass| matmul.record(pass))?);
             format!(
-                "GPU {:.3} ms (median of 7, timestamp queries)",
-                median(&times) / 1e3
+                "GPU layer {:.3} ms, base alone {:.3} ms",
+                layer_us / 1e3,
+                base_us / 1e3
             )
         } else {
-            "GPU time: no TIMESTAMP_QUERY on this device".to_string()
+            "no TIMESTAMP_QUERY on this device".to_string()
         };
         println!(
-            "  M={m:<3} {path:?}: max rel error vs CPU {err:.2e}; {timing}; CPU reference {cpu_ms:.3} ms"
+            "  M={m:<3} ({path:?}): max rel error vs CPU {err:.2e}; {timing}; CPU reference {cpu_ms:.1} ms"
         );
     }
     if worst >= golden::GPU_TOLERANCE {
@@ -142,7 +199,7 @@ fn demo() -> Result<ExitCode> {
         )));
     }
     println!(
-        "  ok: GPU matches the CPU reference within {:.0e}",
+        "  ok: GPU matches the CPU reference within {:.0e} (timings: median of 5, timestamp queries)",
         golden::GPU_TOLERANCE
     );
     Ok(ExitCode::SUCCESS)
@@ -150,7 +207,12 @@ fn demo() -> Result<ExitCode> {
 
 fn info() -> Result<ExitCode> {
     println!("quantadapt {}", env!("CARGO_PKG_VERSION"));
-    println!("formats: HQQ (8/6/5/4/3/2/1-bit, axis 0 and 1)");
+    println!(
+        "formats: HQQ (8/6/5/4/3/2/1-bit, axis 0 and 1), GPTQ (2/3/4/8-bit, v1/v2 zeros, act-order), EETQ (int8 per channel)"
+    );
+    println!(
+        "adapters: OFT (exact Cayley, Cayley-Neumann, COFT, block sharing), LoRA, rsLoRA, DoRA"
+    );
     println!("backends: cpu (reference, always), gpu (wgpu: Vulkan, Metal, DX12, GL)");
     let instance =
         wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
