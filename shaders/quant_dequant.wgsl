@@ -1,14 +1,5 @@
 // Dequantizes a whole weight to f32 [N, K], one invocation per element (for checks and merges).
-#include "common/matmul_params.wgsl"
-#ifdef HQQ
-#include "formats/hqq.wgsl"
-#endif
-#ifdef GPTQ
-#include "formats/gptq.wgsl"
-#endif
-#ifdef EETQ
-#include "formats/eetq.wgsl"
-#endif
+#include "common/quant_format.wgsl"
 
 @group(0) @binding(8) var<storage, read_write> out: array<f32>;
 

@@ -1,15 +1,6 @@
 // y = x · Wᵀ + bias for many rows: TILE x TILE output tiles, x and the dequantized weight staged
 // through workgroup memory one K-slice at a time, f32 accumulation.
-#include "common/matmul_params.wgsl"
-#ifdef HQQ
-#include "formats/hqq.wgsl"
-#endif
-#ifdef GPTQ
-#include "formats/gptq.wgsl"
-#endif
-#ifdef EETQ
-#include "formats/eetq.wgsl"
-#endif
+#include "common/quant_format.wgsl"
 
 @group(0) @binding(6) var<storage, read> x: array<Act>;
 @group(0) @binding(7) var<storage, read> bias: array<f32>;

@@ -1,16 +1,7 @@
 // y = x · Wᵀ + bias for a few rows of x (M <= MAX_M): one workgroup per output feature, the
 // invocations stride over K, dequantize in registers, and reduce in workgroup memory.
 // Makes no assumption about the subgroup size.
-#include "common/matmul_params.wgsl"
-#ifdef HQQ
-#include "formats/hqq.wgsl"
-#endif
-#ifdef GPTQ
-#include "formats/gptq.wgsl"
-#endif
-#ifdef EETQ
-#include "formats/eetq.wgsl"
-#endif
+#include "common/quant_format.wgsl"
 
 @group(0) @binding(6) var<storage, read> x: array<Act>;
 @group(0) @binding(7) var<storage, read> bias: array<f32>;
