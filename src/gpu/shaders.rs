@@ -12,6 +12,10 @@ const FILES: &[(&str, &str)] = &[
         include_str!("../../shaders/common/matmul_params.wgsl"),
     ),
     (
+        "common/quant_format.wgsl",
+        include_str!("../../shaders/common/quant_format.wgsl"),
+    ),
+    (
         "common/rounding.wgsl",
         include_str!("../../shaders/common/rounding.wgsl"),
     ),
