@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use crate::adapters::Adapter;
 use crate::adapters::lora::LoraAdapter;
 use crate::adapters::oft::OftAdapter;
 use crate::adapters::peft_dir::PeftAdapterDir;
@@ -21,6 +22,7 @@ use crate::io::TensorFile;
 use crate::kernels::lora::GpuLora;
 use crate::kernels::oft::GpuOft;
 use crate::kernels::quant::GpuQuantWeight;
+use crate::layer::{Backend as LayerBackend, QuantLinear};
 use crate::tensor::{Matrix, max_rel_error, rel_frobenius_error};
 
 /// Where a case runs.
@@ -146,15 +148,11 @@ fn run_case(dir: &Path, spec: &Value, backend: Backend, gpu: Option<&GpuContext>
         "hqq_f16" => hqq_f16(&case, gpu),
         "oft_hqq" => {
             oft_forward(&case, QuantWeight::Hqq(hqq_base(&case)?), gpu)?;
-            Err(Error::Unsupported(
-                "forward checks pass (R, y, y_disabled); merge / unmerge (y_merged, y_unmerged, merged.*) not implemented yet".into(),
-            ))
+            layer_checks(&case, gpu, "default", "y", "", "merged")
         }
         "lora_hqq" => {
             lora_hqq_forward(&case, gpu)?;
-            Err(Error::Unsupported(
-                "forward checks pass (y_a, y_b, y_disabled); mixed batches and merge / unmerge not implemented yet".into(),
-            ))
+            layer_checks(&case, gpu, "a", "y_a", "_a", "merged_a")
         }
         "oft_gptq" | "oft_eetq" => oft_forward(&case, forward_only_base(&case)?, gpu),
         other => Err(Error::Unsupported(format!("unknown case kind `{other}`"))),
@@ -468,5 +466,125 @@ fn lora_hqq_forward(case: &Case, gpu: Option<&GpuContext>) -> Result<()> {
         &y_disabled.data,
         &case.f32("y_disabled")?,
         tolerance(gpu),
+    )
+}
+
+/// Loads the adapters of a case into a [`QuantLinear`] on the chosen backend.
+fn case_layer(case: &Case, gpu: Option<&GpuContext>) -> Result<QuantLinear> {
+    let base = hqq_base(case)?;
+    let (inp, out) = (base.in_features, base.out_features);
+    let backend = gpu.map_or(LayerBackend::Cpu, |ctx| {
+        LayerBackend::Gpu(Box::new(ctx.clone()))
+    });
+    let mut layer = QuantLinear::new(QuantWeight::Hqq(base), backend)?;
+    let adapter_dir = case
+        .dir
+        .join(case.spec["adapter_dir"].as_str().unwrap_or("adapter"));
+    if case.spec["kind"] == "lora_hqq" {
+        for name in ["a", "b"] {
+            layer.add_adapter(Adapter::from_peft_dir(
+                name,
+                &adapter_dir.join(name),
+                None,
+                inp,
+                out,
+            )?)?;
+        }
+    } else {
+        layer.add_adapter(Adapter::from_peft_dir(
+            "default",
+            &adapter_dir,
+            None,
+            inp,
+            out,
+        )?)?;
+    }
+    Ok(layer)
+}
+
+/// `|ours - float| <= 1.05 |reference - float| + 1e-6` (relative Frobenius errors): the golden
+/// README's rule for anything that went through the solver.
+fn no_worse(what: &str, ours: &[f32], reference: &[f32], float: &[f32]) -> Result<()> {
+    let (e_ours, e_ref) = (
+        rel_frobenius_error(ours, float),
+        rel_frobenius_error(reference, float),
+    );
+    if e_ours.is_nan() || e_ours > 1.05 * e_ref + 1e-6 {
+        return Err(Error::config(format!(
+            "{what}: error {e_ours:.3e} against the float result, over 1.05 x the reference's {e_ref:.3e}"
+        )));
+    }
+    Ok(())
+}
+
+/// Mixed batches, merge (`merged.*`, `y_merged`) and unmerge (`y_unmerged`) through
+/// [`QuantLinear`], for the adapter `name` whose unmerged output is the tensor `y_name`.
+fn layer_checks(
+    case: &Case,
+    gpu: Option<&GpuContext>,
+    name: &str,
+    y_name: &str,
+    sfx: &str,
+    merged: &str,
+) -> Result<()> {
+    let mut layer = case_layer(case, gpu)?;
+    let x = case.matrix("x")?;
+    if case.tensors.contains("y_mixed") {
+        let names: Vec<&str> = case.spec["mixed_adapter_names"]
+            .as_array()
+            .ok_or_else(|| Error::config("manifest: `mixed_adapter_names` missing"))?
+            .iter()
+            .map(|v| v.as_str().unwrap_or(""))
+            .collect();
+        let y = layer.forward_mixed(&x, &names)?;
+        within("y_mixed", &y.data, &case.f32("y_mixed")?, tolerance(gpu))?;
+    }
+    layer.set_active(&[name])?;
+    let unmerged = layer.forward(&x)?;
+    within(y_name, &unmerged.data, &case.f32(y_name)?, tolerance(gpu))?;
+    let float_weight = match layer.adapter(name) {
+        Some(adapter) => crate::layer::merged_dense_weight(layer.base(), adapter, layer.base())?,
+        None => return Err(Error::config("adapter missing after loading")),
+    };
+    layer.merge(&[name], true)?;
+    let meta_block = if case.spec["merged_meta"].is_object() {
+        "merged_meta"
+    } else {
+        "base_meta"
+    };
+    let (out, inp) = case.shape(meta_block)?;
+    let reference = HqqWeight::from_parts(
+        out,
+        inp,
+        case.meta_usize(meta_block, "nbits")? as u32,
+        case.meta_usize(meta_block, "group_size")?,
+        case.meta_usize(meta_block, "axis")?,
+        case.tensors.get(&format!("{merged}.W_q"))?.bytes.clone(),
+        case.f32(&format!("{merged}.scale"))?,
+        case.f32(&format!("{merged}.zero"))?,
+        None,
+        ComputeDtype::F32,
+    )?;
+    no_worse(
+        &format!("{merged}.* dequantized"),
+        &layer.base().dequantize().data,
+        &reference.dequantize().data,
+        &float_weight.data,
+    )?;
+    let y_float = case.f32(y_name)?;
+    let y_merged = layer.forward(&x)?;
+    no_worse(
+        &format!("y_merged{sfx}"),
+        &y_merged.data,
+        &case.f32(&format!("y_merged{sfx}"))?,
+        &y_float,
+    )?;
+    layer.unmerge()?;
+    let y_unmerged = layer.forward(&x)?;
+    no_worse(
+        &format!("y_unmerged{sfx}"),
+        &y_unmerged.data,
+        &case.f32(&format!("y_unmerged{sfx}"))?,
+        &y_float,
     )
 }

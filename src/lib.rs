@@ -12,3 +12,4 @@ pub use tensor::Matrix;
 pub mod golden;
 pub mod gpu;
 pub mod kernels;
+pub mod layer;

@@ -1,0 +1,453 @@
+//! `QuantLinear`: one quantized base weight, named adapters, the active set, merge state and
+//! bias, run on the CPU reference or on a GPU.
+//!
+//! Semantics follow PEFT, with these deliberate differences: the bias survives merges (PEFT
+//! 0.21.2 drops it on HQQ); unmerge restores the weight kept aside at merge time, so it is exact
+//! (PEFT re-quantizes a second time); a merged layer still applies the active adapters that are
+//! not merged (PEFT silently ignores them); disabling adapters unmerges at that moment rather than
+//! on the next forward.
+
+use std::collections::HashMap;
+
+use crate::adapters::Adapter;
+use crate::error::{Error, Result, check_finite};
+use crate::formats::hqq::{HqqConfig, HqqWeight};
+use crate::formats::{QuantFormat, QuantWeight};
+use crate::gpu::{ActDtype, GpuContext, GpuTensor};
+use crate::kernels::Dispatch;
+use crate::kernels::lora::GpuLora;
+use crate::kernels::oft::GpuOft;
+use crate::kernels::quant::GpuQuantWeight;
+use crate::tensor::Matrix;
+
+/// Where a layer runs.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    Cpu,
+    Gpu(Box<GpuContext>),
+}
+
+/// The adapter name that selects the base alone in [`QuantLinear::forward_mixed`].
+pub const BASE_ONLY: &str = "__base__";
+
+enum GpuAdapter {
+    Oft(GpuOft),
+    Lora(GpuLora),
+}
+
+struct GpuState {
+    ctx: GpuContext,
+    base: GpuQuantWeight,
+    adapters: HashMap<String, GpuAdapter>,
+}
+
+struct Merged {
+    name: String,
+    previous: QuantWeight,
+}
+
+/// A quantized linear layer with adapters.
+pub struct QuantLinear {
+    base: QuantWeight,
+    adapters: Vec<Adapter>,
+    active: Vec<String>,
+    enabled: bool,
+    merged: Vec<Merged>,
+    gpu: Option<GpuState>,
+}
+
+fn adapter_error(name: &str, reason: impl Into<String>) -> Error {
+    Error::Adapter {
+        adapter: name.to_string(),
+        reason: reason.into(),
+    }
+}
+
+impl QuantLinear {
+    pub fn new(base: QuantWeight, backend: Backend) -> Result<Self> {
+        let gpu = match backend {
+            Backend::Cpu => None,
+            Backend::Gpu(ctx) => Some(GpuState {
+                base: GpuQuantWeight::upload(&ctx, &base)?,
+                ctx: *ctx,
+                adapters: HashMap::new(),
+            }),
+        };
+        Ok(Self {
+            base,
+            adapters: Vec::new(),
+            active: Vec::new(),
+            enabled: true,
+            merged: Vec::new(),
+            gpu,
+        })
+    }
+
+    pub fn base(&self) -> &QuantWeight {
+        &self.base
+    }
+
+    pub fn adapter(&self, name: &str) -> Option<&Adapter> {
+        self.adapters.iter().find(|a| a.name() == name)
+    }
+
+    pub fn active_adapters(&self) -> &[String] {
+        &self.active
+    }
+
+    pub fn merged_adapters(&self) -> Vec<&str> {
+        self.merged.iter().map(|m| m.name.as_str()).collect()
+    }
+
+    /// The base weight before any merge.
+    fn original_base(&self) -> &QuantWeight {
+        self.merged.first().map_or(&self.base, |m| &m.previous)
+    }
+
+    /// Adds an adapter (not yet active). Its shape must match the layer.
+    pub fn add_adapter(&mut self, adapter: Adapter) -> Result<()> {
+        let name = adapter.name().to_string();
+        if name == BASE_ONLY || self.adapter(&name).is_some() {
+            return Err(adapter_error(
+                &name,
+                "an adapter of that name exists (or the name is reserved)",
+            ));
+        }
+        let (inp, out) = (self.base.in_features(), self.base.out_features());
+        let fits = match &adapter {
+            Adapter::Oft(a) => a.in_features() == inp,
+            Adapter::Lora(a) => a.in_features() == inp && a.out_features() == out,
+        };
+        if !fits {
+            return Err(adapter_error(
+                &name,
+                format!("does not fit a layer of {inp} inputs and {out} outputs"),
+            ));
+        }
+        if let Some(gpu) = &mut self.gpu {
+            let g = upload_adapter(
+                &gpu.ctx,
+                &adapter,
+                self.merged.first().map_or(&self.base, |m| &m.previous),
+            )?;
+            gpu.adapters.insert(name, g);
+        }
+        self.adapters.push(adapter);
+        Ok(())
+    }
+
+    /// Removes an adapter; a merged one must be unmerged first.
+    pub fn remove_adapter(&mut self, name: &str) -> Result<()> {
+        if self.merged.iter().any(|m| m.name == name) {
+            return Err(adapter_error(
+                name,
+                "is merged; unmerge it before removing it",
+            ));
+        }
+        let before = self.adapters.len();
+        self.adapters.retain(|a| a.name() != name);
+        if self.adapters.len() == before {
+            return Err(adapter_error(name, "no such adapter"));
+        }
+        self.active.retain(|a| a != name);
+        if let Some(gpu) = &mut self.gpu {
+            gpu.adapters.remove(name);
+        }
+        Ok(())
+    }
+
+    /// Sets the active adapters, in order: OFT rotations compose in this order on the input,
+    /// LoRA terms add on the output.
+    pub fn set_active(&mut self, names: &[&str]) -> Result<()> {
+        for n in names {
+            if self.adapter(n).is_none() {
+                return Err(adapter_error(n, "no such adapter"));
+            }
+        }
+        self.active = names.iter().map(|n| n.to_string()).collect();
+        Ok(())
+    }
+
+    /// Disabling runs the original base alone; merged adapters are unmerged first.
+    pub fn set_enabled(&mut self, enabled: bool) -> Result<()> {
+        if !enabled {
+            self.unmerge_all()?;
+        }
+        self.enabled = enabled;
+        Ok(())
+    }
+
+    fn unmerged_active(&self) -> Vec<&Adapter> {
+        if !self.enabled {
+            return Vec::new();
+        }
+        self.active
+            .iter()
+            .filter(|n| !self.merged.iter().any(|m| &m.name == *n))
+            .filter_map(|n| self.adapter(n))
+            .collect()
+    }
+
+    /// `y = base(x · R…) + Σ LoRA(x)` for the active, unmerged adapters; host in, host out.
+    pub fn forward(&self, x: &Matrix) -> Result<Matrix> {
+        match &self.gpu {
+            None => self.forward_cpu(x, &self.unmerged_active()),
+            Some(gpu) => {
+                let xg = GpuTensor::upload(&gpu.ctx, x, ActDtype::F32)?;
+                self.forward_gpu(&xg)?.download(&gpu.ctx)
+            }
+        }
+    }
+
+    fn forward_cpu(&self, x: &Matrix, adapters: &[&Adapter]) -> Result<Matrix> {
+        let mut rotated = x.clone();
+        for a in adapters {
+            if let Adapter::Oft(oft) = a {
+                rotated = oft.rotate_cpu(&rotated)?;
+            }
+        }
+        let mut y = self.base.forward_cpu(&rotated)?;
+        let mut dora_weight = None;
+        for a in adapters {
+            if let Adapter::Lora(lora) = a {
+                let weight = dora_weight.get_or_insert_with(|| self.original_base().dequantize());
+                lora.apply_cpu(x, &mut y, self.base.bias(), weight)?;
+            }
+        }
+        Ok(y)
+    }
+
+    /// The forward on GPU-resident activations (f32 or f16); the result stays on the GPU.
+    pub fn forward_gpu(&self, x: &GpuTensor) -> Result<GpuTensor> {
+        self.forward_gpu_with(x, &self.unmerged_active())
+    }
+
+    fn forward_gpu_with(&self, x: &GpuTensor, adapters: &[&Adapter]) -> Result<GpuTensor> {
+        let gpu = self.gpu.as_ref().ok_or_else(|| {
+            Error::Unsupported("forward_gpu on a layer built for the CPU backend".into())
+        })?;
+        let ctx = &gpu.ctx;
+        let mut steps = Vec::new();
+        let mut rotated = x.clone();
+        for a in adapters {
+            if let Some(GpuAdapter::Oft(oft)) = gpu.adapters.get(a.name()) {
+                let next = GpuTensor::poisoned(ctx, x.rows, x.cols, x.dtype)?;
+                steps.push(oft.prepare(ctx, &rotated, &next)?);
+                rotated = next;
+            }
+        }
+        let y = GpuTensor::poisoned(ctx, x.rows, self.base.out_features(), x.dtype)?;
+        steps.push(gpu.base.prepare(
+            ctx,
+            &rotated,
+            &y,
+            crate::kernels::MatmulPath::for_rows(x.rows),
+        )?);
+        for a in adapters {
+            if let Some(GpuAdapter::Lora(lora)) = gpu.adapters.get(a.name()) {
+                steps.extend(lora.prepare(ctx, x, &y, Some(gpu.base.bias_buffer()))?);
+            }
+        }
+        Dispatch::run_all(ctx, &steps.iter().collect::<Vec<_>>())?;
+        Ok(y)
+    }
+
+    /// One adapter name per row of `x` (`__base__` = the base alone; names this layer does not
+    /// hold also get the base alone, as in PEFT). Refused while adapters are merged.
+    pub fn forward_mixed(&self, x: &Matrix, names: &[&str]) -> Result<Matrix> {
+        if names.len() != x.rows {
+            return Err(Error::shape(
+                "adapter names",
+                format!("{} names, one per row", x.rows),
+                &[names.len()],
+            ));
+        }
+        if !self.merged.is_empty() {
+            return Err(Error::Unsupported(
+                "mixed batches while adapters are merged: unmerge first".into(),
+            ));
+        }
+        // Rows are grouped by adapter; each group runs as one forward (one launch per kernel
+        // and adapter group, not yet a single segmented launch).
+        let mut y = Matrix::zeros(x.rows, self.base.out_features());
+        let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
+        for (row, name) in names.iter().enumerate() {
+            match groups.iter_mut().find(|(n, _)| n == name) {
+                Some((_, rows)) => rows.push(row),
+                None => groups.push((name, vec![row])),
+            }
+        }
+        for (name, rows) in groups {
+            let data = rows.iter().flat_map(|r| x.row(*r).to_vec()).collect();
+            let xs = Matrix::new(rows.len(), x.cols, data)?;
+            let adapters: Vec<&Adapter> = self.adapter(name).into_iter().collect();
+            let ys = match &self.gpu {
+                None => self.forward_cpu(&xs, &adapters)?,
+                Some(gpu) => {
+                    let xg = GpuTensor::upload(&gpu.ctx, &xs, ActDtype::F32)?;
+                    self.forward_gpu_with(&xg, &adapters)?.download(&gpu.ctx)?
+                }
+            };
+            for (i, r) in rows.iter().enumerate() {
+                y.row_mut(*r).copy_from_slice(ys.row(i));
+            }
+        }
+        Ok(y)
+    }
+
+    /// Merges the named adapters into an HQQ base, in order: dequantize, apply (`W·Rᵀ` for OFT,
+    /// `+ s·B·A` for LoRA, DoRA's rescale), re-quantize with the layer's own configuration and
+    /// the half-quadratic solver. With `safe`, non-finite results are refused. On any error the
+    /// layer is left as it was.
+    pub fn merge(&mut self, names: &[&str], safe: bool) -> Result<()> {
+        let QuantWeight::Hqq(_) = &self.base else {
+            let kind = names
+                .first()
+                .and_then(|n| self.adapter(n))
+                .map_or("adapter", |a| a.kind());
+            return Err(Error::Merge(format!(
+                "merging an {kind} adapter into a {} layer is not possible: the format is forward-only (no re-quantization)",
+                self.base.format_name().to_uppercase()
+            )));
+        };
+        let mut base = self.base.clone();
+        let mut stack = Vec::new();
+        for name in names {
+            if self.merged.iter().any(|m| m.name == *name)
+                || stack.iter().any(|m: &Merged| m.name == *name)
+            {
+                continue;
+            }
+            let adapter = self
+                .adapter(name)
+                .ok_or_else(|| adapter_error(name, "no such adapter"))?;
+            let QuantWeight::Hqq(hqq) = &base else {
+                return Err(Error::Merge("the base stopped being HQQ".into()));
+            };
+            let merged_weight = merged_dense(hqq, adapter, self.original_base())?;
+            if safe {
+                check_finite("merged weight", &merged_weight.data)
+                    .map_err(|e| adapter_error(name, format!("NaNs detected in the merged weights ({e}); the adapter seems to be broken")))?;
+            }
+            let requantized =
+                HqqWeight::quantize(&merged_weight, hqq.bias.clone(), &hqq_config(hqq))?;
+            stack.push(Merged {
+                name: name.to_string(),
+                previous: std::mem::replace(&mut base, QuantWeight::Hqq(requantized)),
+            });
+        }
+        self.replace_base(base)?;
+        self.merged.extend(stack);
+        Ok(())
+    }
+
+    /// Unmerges the most recently merged adapter (exactly: the weight kept aside is restored).
+    pub fn unmerge(&mut self) -> Result<Option<String>> {
+        let Some(last) = self.merged.last() else {
+            return Ok(None);
+        };
+        self.replace_base(last.previous.clone())?;
+        Ok(self.merged.pop().map(|m| m.name))
+    }
+
+    pub fn unmerge_all(&mut self) -> Result<()> {
+        while self.unmerge()?.is_some() {}
+        Ok(())
+    }
+
+    fn replace_base(&mut self, base: QuantWeight) -> Result<()> {
+        if let Some(gpu) = &mut self.gpu {
+            gpu.base = GpuQuantWeight::upload(&gpu.ctx, &base)?;
+        }
+        self.base = base;
+        Ok(())
+    }
+}
+
+fn hqq_config(w: &HqqWeight) -> HqqConfig {
+    let mut config = HqqConfig::new(w.nbits(), w.grouping.group_size, w.grouping.axis);
+    config.compute_dtype = w.compute_dtype;
+    config
+}
+
+/// The dense weight after merging `adapter` into `w`; DoRA's norm comes from `original`.
+fn merged_dense(w: &HqqWeight, adapter: &Adapter, original: &QuantWeight) -> Result<Matrix> {
+    merged_dense_weight(&QuantWeight::Hqq(w.clone()), adapter, original)
+}
+
+/// The float weight of merging `adapter` into `base` (what a re-quantization approximates).
+pub fn merged_dense_weight(
+    base: &QuantWeight,
+    adapter: &Adapter,
+    original: &QuantWeight,
+) -> Result<Matrix> {
+    let mut weight = base.dequantize();
+    match adapter {
+        Adapter::Oft(oft) => {
+            let b = oft.block_size();
+            let blocks = oft.rotation_blocks();
+            let mut out = Matrix::zeros(weight.rows, weight.cols);
+            for n in 0..weight.rows {
+                let (src, dst) = (weight.row(n), out.row_mut(n));
+                for blk in 0..weight.cols / b {
+                    let r = &blocks[blk.min(blocks.len() - 1)];
+                    for c in 0..b {
+                        let acc: f64 = (0..b)
+                            .map(|k| src[blk * b + k] as f64 * r.at(c, k) as f64)
+                            .sum();
+                        dst[blk * b + c] = acc as f32;
+                    }
+                }
+            }
+            weight = out;
+        }
+        Adapter::Lora(lora) => {
+            let delta = lora.delta_weight();
+            let scale = match lora.magnitude() {
+                Some(m) => {
+                    let norms = lora.dora_norms(&original.dequantize())?;
+                    m.iter().zip(norms).map(|(m, n)| m / n).collect()
+                }
+                None => vec![1.0; weight.rows],
+            };
+            for (n, g) in scale.iter().enumerate() {
+                for (w, d) in weight.row_mut(n).iter_mut().zip(delta.row(n)) {
+                    *w = (*w + d) * g;
+                }
+            }
+        }
+    }
+    Ok(weight)
+}
+
+fn upload_adapter(ctx: &GpuContext, adapter: &Adapter, base: &QuantWeight) -> Result<GpuAdapter> {
+    Ok(match adapter {
+        Adapter::Oft(oft) => GpuAdapter::Oft(GpuOft::upload(
+            ctx,
+            &oft.blocks_flat(),
+            oft.block_size(),
+            oft.in_features(),
+        )?),
+        Adapter::Lora(lora) => {
+            let dora_scale = match lora.magnitude() {
+                Some(m) => {
+                    let norms = lora.dora_norms(&base.dequantize())?;
+                    Some(
+                        m.iter()
+                            .zip(norms)
+                            .map(|(m, n)| m / n)
+                            .collect::<Vec<f32>>(),
+                    )
+                }
+                None => None,
+            };
+            GpuAdapter::Lora(GpuLora::upload(
+                ctx,
+                lora.a(),
+                lora.b(),
+                lora.scaling(),
+                dora_scale.as_deref(),
+            )?)
+        }
+    })
+}
