@@ -5,18 +5,22 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use quantadapt::adapters::Adapter;
 use quantadapt::adapters::lora::LoraAdapter;
 use quantadapt::adapters::oft::{OftAdapter, Parameterization};
 use quantadapt::formats::QuantFormat;
+use quantadapt::formats::QuantWeight;
 use quantadapt::formats::hqq::{HqqConfig, HqqWeight};
 use quantadapt::golden::{self, Backend};
 use quantadapt::gpu::timing::{median, time_pass};
 use quantadapt::gpu::{ActDtype, GpuContext, GpuTensor};
+use quantadapt::io::{HostTensor, TensorFile};
 use quantadapt::kernels::Dispatch;
 use quantadapt::kernels::MatmulPath;
 use quantadapt::kernels::lora::GpuLora;
 use quantadapt::kernels::oft::GpuOft;
 use quantadapt::kernels::quant::GpuQuantWeight;
+use quantadapt::layer::{Backend as LayerBackend, QuantLinear};
 use quantadapt::tensor::{Matrix, max_rel_error};
 use quantadapt::{Error, Result};
 use rand::Rng;
@@ -44,6 +48,41 @@ enum Command {
         #[arg(long, value_enum, default_value_t = BackendArg::Both)]
         backend: BackendArg,
     },
+    /// Run a real layer on real inputs: safetensors in, safetensors out.
+    Run {
+        /// The checkpoint file (model.safetensors) holding the quantized layer.
+        #[arg(long)]
+        base: PathBuf,
+        #[arg(long, value_enum)]
+        format: Option<FormatArg>,
+        /// The layer's module path, when the file holds several quantized layers.
+        #[arg(long)]
+        module: Option<String>,
+        /// PEFT adapter directories, applied in the order given.
+        #[arg(long)]
+        adapter: Vec<PathBuf>,
+        /// A safetensors file with the input `x` ([batch, in]).
+        #[arg(long)]
+        input: PathBuf,
+        /// Where to write `y` ([batch, out]); printed when absent.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = RunBackend::Gpu)]
+        backend: RunBackend,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FormatArg {
+    Hqq,
+    Gptq,
+    Eetq,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RunBackend {
+    Gpu,
+    Cpu,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -59,6 +98,23 @@ fn main() -> ExitCode {
         Command::Demo => demo(),
         Command::Info => info(),
         Command::VerifyGolden { dir, backend } => verify_golden(&dir, backend),
+        Command::Run {
+            base,
+            format,
+            module,
+            adapter,
+            input,
+            output,
+            backend,
+        } => run(RunArgs {
+            base,
+            format,
+            module,
+            adapters: adapter,
+            input,
+            output,
+            backend,
+        }),
     };
     match result {
         Ok(code) => code,
@@ -271,4 +327,96 @@ fn verify_golden(dir: &std::path::Path, backend: BackendArg) -> Result<ExitCode>
     } else {
         ExitCode::FAILURE
     })
+}
+
+struct RunArgs {
+    base: PathBuf,
+    format: Option<FormatArg>,
+    module: Option<String>,
+    adapters: Vec<PathBuf>,
+    input: PathBuf,
+    output: Option<PathBuf>,
+    backend: RunBackend,
+}
+
+fn run(args: RunArgs) -> Result<ExitCode> {
+    let format = args.format.map(|f| match f {
+        FormatArg::Hqq => "hqq",
+        FormatArg::Gptq => "gptq",
+        FormatArg::Eetq => "eetq",
+    });
+    let base = QuantWeight::load_file(&args.base, format, args.module.as_deref())?;
+    let (inp, out) = (base.in_features(), base.out_features());
+    let backend = match args.backend {
+        RunBackend::Cpu => LayerBackend::Cpu,
+        RunBackend::Gpu => match GpuContext::new() {
+            Ok(ctx) => LayerBackend::Gpu(Box::new(ctx)),
+            Err(e) => {
+                eprintln!("note: {e}; running on the CPU");
+                LayerBackend::Cpu
+            }
+        },
+    };
+    let mut layer = QuantLinear::new(base, backend)?;
+    let mut names = Vec::new();
+    for (i, dir) in args.adapters.iter().enumerate() {
+        let name = format!("adapter{i}");
+        layer.add_adapter(Adapter::from_peft_dir(
+            &name,
+            dir,
+            args.module.as_deref(),
+            inp,
+            out,
+        )?)?;
+        names.push(name);
+    }
+    layer.set_active(&names.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let inputs = TensorFile::open(&args.input)?;
+    let x_tensor = match inputs.get("x") {
+        Ok(t) => t,
+        Err(e) if inputs.tensors.len() == 1 => inputs.tensors.values().next().ok_or(e)?,
+        Err(e) => return Err(e),
+    };
+    let x = match x_tensor.shape[..] {
+        [rows, cols] => Matrix::new(rows, cols, x_tensor.to_finite_f32()?)?,
+        [cols] => Matrix::new(1, cols, x_tensor.to_finite_f32()?)?,
+        _ => {
+            return Err(Error::Shape {
+                name: x_tensor.name.clone(),
+                expected: format!("[batch, {inp}]"),
+                found: x_tensor.shape.clone(),
+            });
+        }
+    };
+    if x.cols != inp {
+        return Err(Error::Shape {
+            name: x_tensor.name.clone(),
+            expected: format!("[batch, {inp}]"),
+            found: x_tensor.shape.clone(),
+        });
+    }
+    let y = layer.forward(&x)?;
+    match args.output {
+        Some(path) => {
+            let mut file = TensorFile {
+                label: path.display().to_string(),
+                ..Default::default()
+            };
+            file.insert(HostTensor::from_f32("y", &[y.rows, y.cols], &y.data));
+            file.save(&path)?;
+            println!("wrote y [{}, {}] to {}", y.rows, y.cols, path.display());
+        }
+        None => {
+            for r in 0..y.rows {
+                let shown: Vec<String> =
+                    y.row(r).iter().take(8).map(|v| format!("{v:.6}")).collect();
+                println!(
+                    "y[{r}] = [{}{}]",
+                    shown.join(", "),
+                    if y.cols > 8 { ", ..." } else { "" }
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

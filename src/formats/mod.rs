@@ -73,3 +73,75 @@ impl QuantFormat for QuantWeight {
         self.inner().packed_bytes()
     }
 }
+
+/// The tensor that marks a layer of each format in a checkpoint, by format name.
+const MARKERS: [(&str, &str); 3] = [
+    ("hqq", "W_q"),
+    ("gptq", "qweight"),
+    ("eetq", "weight_scales"),
+];
+
+impl QuantWeight {
+    /// Loads one quantized layer from a safetensors checkpoint. `format` (`hqq`, `gptq`, `eetq`)
+    /// and `module` (e.g. `model.layers.0.self_attn.q_proj`) may be left out when the file holds
+    /// exactly one quantized layer. GPTQ's configuration is read from the file's directory
+    /// (`quantize_config.json` or `config.json`).
+    pub fn load_file(
+        path: &std::path::Path,
+        format: Option<&str>,
+        module: Option<&str>,
+    ) -> Result<Self> {
+        use crate::error::Error;
+        let file = crate::io::TensorFile::open(path)?;
+        let mut found: Vec<(&str, String)> = Vec::new();
+        for (name, marker) in MARKERS {
+            if format.is_some_and(|f| !f.eq_ignore_ascii_case(name)) {
+                continue;
+            }
+            for key in file.tensors.keys() {
+                let Some(prefix) = key.strip_suffix(marker) else {
+                    continue;
+                };
+                if prefix.is_empty() || prefix.ends_with('.') {
+                    let module_name = prefix.trim_end_matches('.');
+                    if module.is_none_or(|m| m == module_name) {
+                        found.push((name, prefix.to_string()));
+                    }
+                }
+            }
+        }
+        let (format, prefix) = match found.as_slice() {
+            [one] => one.clone(),
+            [] => {
+                return Err(Error::config(format!(
+                    "{}: no {} layer{} found",
+                    path.display(),
+                    format.unwrap_or("HQQ, GPTQ or EETQ"),
+                    module.map(|m| format!(" named `{m}`")).unwrap_or_default()
+                )));
+            }
+            many => {
+                let names: Vec<String> = many.iter().map(|(f, p)| format!("{p} ({f})")).collect();
+                return Err(Error::config(format!(
+                    "{}: several quantized layers ({}); name one with a module",
+                    path.display(),
+                    names.join(", ")
+                )));
+            }
+        };
+        let dir = path.parent().unwrap_or(std::path::Path::new("."));
+        Ok(match format {
+            "hqq" => Self::Hqq(hqq::HqqWeight::from_tensors(&file, &prefix)?),
+            "gptq" => Self::Gptq(gptq::GptqWeight::from_tensors(
+                &file,
+                &prefix,
+                gptq::GptqConfig::from_dir(dir)?,
+            )?),
+            _ => Self::Eetq(eetq::EetqWeight::from_tensors(
+                &file,
+                &prefix,
+                eetq::EetqLayout::Cutlass,
+            )?),
+        })
+    }
+}
