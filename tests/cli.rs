@@ -120,7 +120,7 @@ fn verify_golden_reports_broken_cases_and_counts() {
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("FAIL missing_case [cpu]"), "{text}");
     assert_eq!(
-        text.lines().filter(|l| !l.contains("XDG")).last().unwrap(),
+        text.lines().rfind(|l| !l.contains("XDG")).unwrap(),
         "1 passed, 1 failed"
     );
     std::fs::remove_dir_all(dir).unwrap();
