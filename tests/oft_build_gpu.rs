@@ -161,3 +161,28 @@ fn bad_sizes_are_errors() {
         Err(Error::NonFinite { .. })
     ));
 }
+
+/// Exact Cayley for generators far from small (I + Q is no longer diagonally dominant, so the
+/// elimination swaps rows): still orthogonal and equal to the CPU solve.
+#[test]
+fn exact_cayley_with_large_generators_pivots_correctly() {
+    let ctx = gpu();
+    for b in [3usize, 8, 32, 128] {
+        let in_features = 2 * b;
+        let params = random_matrix(2, b * (b - 1) / 2, 3.0);
+        let oft = OftAdapter::from_params(
+            "r",
+            in_features,
+            params,
+            Parameterization::Cayley,
+            None,
+            false,
+        )
+        .unwrap();
+        let got = gpu_build(&oft).download_blocks(ctx).unwrap();
+        let err = max_rel_error(&got, &oft.blocks_flat());
+        assert!(err < 1e-4, "b={b}: {err}");
+        let orth = orthogonality_error(&got, b);
+        assert!(orth < 1e-4, "b={b}: R Rᵀ − I = {orth}");
+    }
+}
