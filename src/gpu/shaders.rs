@@ -33,6 +33,10 @@ const FILES: &[(&str, &str)] = &[
     ),
     ("lora.wgsl", include_str!("../../shaders/lora.wgsl")),
     (
+        "oft_build.wgsl",
+        include_str!("../../shaders/oft_build.wgsl"),
+    ),
+    (
         "oft_rotate.wgsl",
         include_str!("../../shaders/oft_rotate.wgsl"),
     ),

@@ -1,10 +1,12 @@
-//! The OFT rotation of activations on the GPU (`shaders/oft_rotate.wgsl`).
+//! The OFT rotation of activations on the GPU (`shaders/oft_rotate.wgsl`), and the construction
+//! of the rotation blocks from the adapter's generators (`shaders/oft_build.wgsl`).
 
-use crate::error::{Error, Result};
-use crate::gpu::buffers::{storage_from_f32, uniform};
+use crate::adapters::oft::Parameterization;
+use crate::error::{Error, Result, check_finite};
+use crate::gpu::buffers::{POISON_F32, read_buffer, storage_from_bytes, storage_from_f32, uniform};
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
-use crate::kernels::{Dispatch, bind};
+use crate::kernels::{Dispatch, bind, grid};
 
 const WORKGROUP: u32 = 256;
 
@@ -22,8 +24,32 @@ fn key(act: ActDtype) -> ShaderKey {
     ShaderKey::new("oft_rotate", "main", act)
 }
 
+/// Mirrors `BuildParams` in `oft_build.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+struct BuildParams {
+    b: u32,
+    rows: u32,
+    terms: u32,
+    _pad: u32,
+}
+
+/// The build kernel of a parameterization (always f32; `Act` is unused there).
+fn build_key(parameterization: Parameterization) -> ShaderKey {
+    let entry = match parameterization {
+        Parameterization::Cayley => "cayley",
+        Parameterization::Neumann { .. } => "neumann",
+    };
+    ShaderKey::new("oft_build", entry, ActDtype::F32)
+}
+
 pub fn shader_keys() -> Vec<ShaderKey> {
-    vec![key(ActDtype::F32), key(ActDtype::F16)]
+    vec![
+        key(ActDtype::F32),
+        key(ActDtype::F16),
+        build_key(Parameterization::Cayley),
+        build_key(Parameterization::Neumann { terms: 0 }),
+    ]
 }
 
 /// A block-diagonal rotation resident on the GPU.
@@ -69,6 +95,125 @@ impl GpuOft {
             stored_blocks,
             blocks: storage_from_f32(ctx, "oft blocks", blocks)?,
         })
+    }
+
+    /// Builds the rotation blocks on the GPU from the adapter's parameter `[param_rows,
+    /// b(b−1)/2]` (row-major, `triu_indices(b, b, 1)` order per row), exactly as
+    /// [`crate::adapters::oft::OftAdapter`] does on the CPU: `param_rows` is `in_features / b`, or
+    /// 1 under `block_share`. COFT is not applied here: pass the already projected parameter
+    /// (`OftAdapter::params()`); the projection is a per-row rescale of a tiny tensor and stays on
+    /// the CPU. The blocks are computed in f32. The exact Cayley solve cannot fail for a skew
+    /// generator (`I + Q` is always invertible) and is pivoted anyway.
+    pub fn build(
+        ctx: &GpuContext,
+        params: &[f32],
+        block_size: usize,
+        param_rows: usize,
+        in_features: usize,
+        parameterization: Parameterization,
+    ) -> Result<Self> {
+        let b = block_size;
+        let tri = b.saturating_sub(1) * b / 2;
+        if b == 0 || in_features == 0 || !in_features.is_multiple_of(b) {
+            return Err(Error::shape(
+                "OFT block size",
+                format!("a non-zero size dividing {in_features} inputs"),
+                &[b],
+            ));
+        }
+        let n_blocks = in_features / b;
+        if param_rows != 1 && param_rows != n_blocks {
+            return Err(Error::shape(
+                "OFT parameter rows",
+                format!("1 (shared) or {n_blocks} for {in_features} inputs in blocks of {b}"),
+                &[param_rows],
+            ));
+        }
+        if Some(params.len()) != param_rows.checked_mul(tri) {
+            return Err(Error::shape(
+                "OFT parameter",
+                format!("[{param_rows}, {tri}] (b(b-1)/2 = {tri} values per row for b = {b})"),
+                &[params.len()],
+            ));
+        }
+        check_finite("OFT parameter", params)?;
+        let terms = match parameterization {
+            Parameterization::Cayley => 0,
+            Parameterization::Neumann { terms } => u32::try_from(terms).map_err(|_| {
+                Error::config(format!("{terms} Cayley-Neumann terms do not fit in u32"))
+            })?,
+        };
+        let too_big = || Error::Unsupported(format!("OFT blocks of {b} x {b}, {param_rows} rows"));
+        let block_floats = b.checked_mul(b).ok_or_else(too_big)?;
+        let out_floats = param_rows.checked_mul(block_floats).ok_or_else(too_big)?;
+        // Per block: 2b² + 3b floats (see oft_build.wgsl).
+        let scratch_floats = block_floats
+            .checked_mul(2)
+            .and_then(|v| v.checked_add(3 * b))
+            .and_then(|v| v.checked_mul(param_rows))
+            .ok_or_else(too_big)?;
+        if u32::try_from(scratch_floats).is_err() || u32::try_from(params.len()).is_err() {
+            return Err(too_big());
+        }
+        let pipeline = ctx.pipeline(&build_key(parameterization))?;
+        let uniforms = uniform(
+            ctx,
+            "oft build params",
+            &BuildParams {
+                b: b as u32,
+                rows: param_rows as u32,
+                terms,
+                _pad: 0,
+            },
+        );
+        let params_buf = storage_from_f32(ctx, "oft generator", params)?;
+        let blocks = storage_from_bytes(
+            ctx,
+            "oft blocks",
+            &POISON_F32.to_le_bytes().repeat(out_floats),
+        )?;
+        let scratch_bytes = scratch_floats.checked_mul(4).ok_or_else(too_big)?;
+        let limit = ctx.limits().max_storage_buffer_binding_size as usize;
+        if scratch_bytes > limit {
+            return Err(Error::Unsupported(format!(
+                "OFT build scratch needs {scratch_bytes} bytes, over this device's storage \
+                 binding limit of {limit}"
+            )));
+        }
+        let scratch = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("oft build scratch"),
+            size: scratch_bytes.max(4) as u64,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        let bind_group = bind(
+            ctx,
+            &pipeline,
+            &[
+                (0, &uniforms),
+                (1, &params_buf),
+                (2, &blocks),
+                (3, &scratch),
+            ],
+        );
+        let dispatch = Dispatch::new(pipeline, bind_group, grid(param_rows as u32));
+        Dispatch::run_all(ctx, &[&dispatch])?;
+        Ok(Self {
+            in_features,
+            block_size: b,
+            stored_blocks: param_rows,
+            blocks,
+        })
+    }
+
+    /// The stored blocks, `[stored, b, b]` row-major (one block when shared), copied to the host.
+    pub fn download_blocks(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
+        let len = self.stored_blocks * self.block_size * self.block_size * 4;
+        let bytes = read_buffer(ctx, &self.blocks, len)?;
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
     }
 
     /// Binds one rotation `x -> y` (both `[m, in]`).
