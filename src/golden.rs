@@ -381,11 +381,20 @@ fn oft_forward(case: &Case, base: QuantWeight, gpu: Option<&GpuContext>) -> Resu
                 &layer.dequantize(ctx)?.data,
                 &case.f32("base.W_deq")?,
             )?;
-            let rotation = GpuOft::upload(
+            let rotation = GpuOft::build(
                 ctx,
-                &oft.blocks_flat(),
+                oft.params(),
                 oft.block_size(),
+                oft.param_rows(),
                 base.in_features(),
+                oft.parameterization(),
+            )?;
+            let blocks = rotation.download_blocks(ctx)?;
+            within(
+                "GPU-built R blocks",
+                &blocks,
+                &oft.blocks_flat(),
+                CPU_TOLERANCE,
             )?;
             let xg = GpuTensor::upload(ctx, &x, ActDtype::F32)?;
             let rotated = rotation.rotate(ctx, &xg)?;

@@ -422,11 +422,14 @@ pub fn merged_dense_weight(
 
 fn upload_adapter(ctx: &GpuContext, adapter: &Adapter, base: &QuantWeight) -> Result<GpuAdapter> {
     Ok(match adapter {
-        Adapter::Oft(oft) => GpuAdapter::Oft(GpuOft::upload(
+        // COFT's projection is already in `params()`; the blocks are built on the GPU.
+        Adapter::Oft(oft) => GpuAdapter::Oft(GpuOft::build(
             ctx,
-            &oft.blocks_flat(),
+            oft.params(),
             oft.block_size(),
+            oft.param_rows(),
             oft.in_features(),
+            oft.parameterization(),
         )?),
         Adapter::Lora(lora) => {
             let dora_scale = match lora.magnitude() {

@@ -207,7 +207,14 @@ fn demo() -> Result<ExitCode> {
     };
     println!("  device: {}", ctx.describe());
     let base = GpuQuantWeight::from_hqq(&ctx, &layer.base)?;
-    let oft = GpuOft::upload(&ctx, &layer.oft.blocks_flat(), layer.oft.block_size(), inp)?;
+    let oft = GpuOft::build(
+        &ctx,
+        layer.oft.params(),
+        layer.oft.block_size(),
+        layer.oft.param_rows(),
+        inp,
+        layer.oft.parameterization(),
+    )?;
     let lora = GpuLora::upload(
         &ctx,
         layer.lora.a(),
