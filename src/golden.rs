@@ -249,6 +249,28 @@ fn hqq_quant(case: &Case, gpu: Option<&GpuContext>) -> Result<()> {
             )));
         }
     }
+    if let Some(ctx) = gpu {
+        // The GPU quantizer: min-max exact, the solver within 1% of HQQ's error.
+        let weight = Matrix::new(out, inp, w.clone())?;
+        let mut config = HqqConfig::new(nbits, group_size, axis);
+        config.optimize = false;
+        config.round_zero = false;
+        let rtn = crate::kernels::hqq_quantize::quantize_to_host(ctx, &weight, None, &config)?;
+        if rtn.packed != case.tensors.get("W_q_rtn")?.bytes {
+            return Err(Error::config("GPU min-max W_q differs from W_q_rtn"));
+        }
+        exact("GPU scale_rtn", &rtn.scale, &case.f32("scale_rtn")?)?;
+        exact("GPU zero_rtn", &rtn.zero, &case.f32("zero_rtn")?)?;
+        config.optimize = true;
+        let layer = crate::kernels::hqq_quantize::quantize_on_gpu(ctx, &weight, None, &config)?;
+        let e_ours = rel_frobenius_error(&layer.dequantize(ctx)?.data, &w);
+        let e_ref = rel_frobenius_error(&case.f32("W_deq_opt")?, &w);
+        if e_ours > e_ref * 1.01 + 1e-7 {
+            return Err(Error::config(format!(
+                "GPU solver error {e_ours:.5} is over 1.01 x HQQ's {e_ref:.5}"
+            )));
+        }
+    }
     Ok(())
 }
 

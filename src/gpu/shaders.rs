@@ -31,6 +31,10 @@ const FILES: &[(&str, &str)] = &[
         "formats/hqq.wgsl",
         include_str!("../../shaders/formats/hqq.wgsl"),
     ),
+    (
+        "hqq_quantize.wgsl",
+        include_str!("../../shaders/hqq_quantize.wgsl"),
+    ),
     ("lora.wgsl", include_str!("../../shaders/lora.wgsl")),
     (
         "oft_build.wgsl",
@@ -174,5 +178,6 @@ pub fn catalogue() -> Vec<ShaderKey> {
     keys.extend(crate::kernels::eetq::shader_keys());
     keys.extend(crate::kernels::oft::shader_keys());
     keys.extend(crate::kernels::lora::shader_keys());
+    keys.extend(crate::kernels::hqq_quantize::shader_keys());
     keys
 }

@@ -3,6 +3,7 @@
 pub mod eetq;
 pub mod gptq;
 pub mod hqq;
+pub mod hqq_quantize;
 pub mod lora;
 pub mod oft;
 pub mod quant;
