@@ -346,25 +346,3 @@ fn zero_iterations_and_constant_groups() {
         );
     }
 }
-
-/// An indication of speed: `cargo test --release --test hqq_quantize_gpu -- --ignored --nocapture`.
-#[test]
-#[ignore]
-fn timing_4096_square_4bit() {
-    let ctx = gpu();
-    let w = random_matrix(4096, 4096, 0.05);
-    let config = HqqConfig::new(4, 64, 1);
-    let _warm = quantize_on_gpu(ctx, &random_matrix(64, 64, 1.0), None, &config).unwrap();
-    let start = std::time::Instant::now();
-    let layer = quantize_on_gpu(ctx, &w, None, &config).unwrap();
-    let gpu_s = start.elapsed().as_secs_f64();
-    let start = std::time::Instant::now();
-    let cpu = HqqWeight::quantize(&w, None, &config).unwrap();
-    let cpu_s = start.elapsed().as_secs_f64();
-    let e_gpu = rel_frobenius_error(&layer.dequantize(ctx).unwrap().data, &w.data);
-    let e_cpu = rel_frobenius_error(&cpu.dequantize().data, &w.data);
-    println!(
-        "4096x4096 4-bit g64 on {}: GPU {gpu_s:.3} s (upload + 20 iterations + pack), CPU {cpu_s:.3} s; rel error GPU {e_gpu:.5} CPU {e_cpu:.5}",
-        ctx.describe()
-    );
-}
