@@ -15,6 +15,7 @@ use crate::formats::hqq::{HqqConfig, HqqWeight};
 use crate::formats::{QuantFormat, QuantWeight};
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
 use crate::kernels::Dispatch;
+use crate::kernels::hqq_quantize::quantize_to_host;
 use crate::kernels::lora::GpuLora;
 use crate::kernels::oft::GpuOft;
 use crate::kernels::quant::GpuQuantWeight;
@@ -297,7 +298,7 @@ impl QuantLinear {
 
     /// Merges the named adapters into an HQQ base, in order: dequantize, apply (`W·Rᵀ` for OFT,
     /// `+ s·B·A` for LoRA, DoRA's rescale), re-quantize with the layer's own configuration and
-    /// the half-quadratic solver. With `safe`, non-finite results are refused. On any error the
+    /// the half-quadratic solver (on the GPU for a GPU layer). With `safe`, non-finite results are refused. On any error the
     /// layer is left as it was.
     pub fn merge(&mut self, names: &[&str], safe: bool) -> Result<()> {
         let QuantWeight::Hqq(_) = &self.base else {
@@ -329,8 +330,13 @@ impl QuantLinear {
                 check_finite("merged weight", &merged_weight.data)
                     .map_err(|e| adapter_error(name, format!("NaNs detected in the merged weights ({e}); the adapter seems to be broken")))?;
             }
-            let requantized =
-                HqqWeight::quantize(&merged_weight, hqq.bias.clone(), &hqq_config(hqq))?;
+            let config = hqq_config(hqq);
+            let requantized = match &self.gpu {
+                Some(gpu) => {
+                    quantize_to_host(&gpu.ctx, &merged_weight, hqq.bias.as_deref(), &config)?
+                }
+                None => HqqWeight::quantize(&merged_weight, hqq.bias.clone(), &config)?,
+            };
             stack.push(Merged {
                 name: name.to_string(),
                 previous: std::mem::replace(&mut base, QuantWeight::Hqq(requantized)),
