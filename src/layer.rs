@@ -8,8 +8,10 @@
 //! on the next forward.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use crate::adapters::Adapter;
+use crate::adapters::lora::LoraAdapter;
 use crate::error::{Error, Result, check_finite};
 use crate::formats::hqq::{HqqConfig, HqqWeight};
 use crate::formats::{QuantFormat, QuantWeight};
@@ -17,6 +19,7 @@ use crate::gpu::{ActDtype, GpuContext, GpuTensor};
 use crate::kernels::Dispatch;
 use crate::kernels::hqq_quantize::quantize_to_host;
 use crate::kernels::lora::GpuLora;
+use crate::kernels::mixed::{self, GpuMixedAdapters, MixedSlot};
 use crate::kernels::oft::GpuOft;
 use crate::kernels::quant::GpuQuantWeight;
 use crate::tensor::Matrix;
@@ -40,6 +43,9 @@ struct GpuState {
     ctx: GpuContext,
     base: GpuQuantWeight,
     adapters: HashMap<String, GpuAdapter>,
+    /// Every adapter packed for mixed batches, one slot each in `QuantLinear::adapters` order;
+    /// built on first use and dropped when the adapter set changes.
+    mixed: Mutex<Option<Arc<GpuMixedAdapters>>>,
 }
 
 struct Merged {
@@ -72,6 +78,7 @@ impl QuantLinear {
                 base: GpuQuantWeight::upload(&ctx, &base)?,
                 ctx: *ctx,
                 adapters: HashMap::new(),
+                mixed: Mutex::new(None),
             }),
         };
         Ok(Self {
@@ -132,6 +139,7 @@ impl QuantLinear {
                 self.merged.first().map_or(&self.base, |m| &m.previous),
             )?;
             gpu.adapters.insert(name, g);
+            gpu.mixed = Mutex::new(None);
         }
         self.adapters.push(adapter);
         Ok(())
@@ -153,6 +161,7 @@ impl QuantLinear {
         self.active.retain(|a| a != name);
         if let Some(gpu) = &mut self.gpu {
             gpu.adapters.remove(name);
+            gpu.mixed = Mutex::new(None);
         }
         Ok(())
     }
@@ -268,32 +277,109 @@ impl QuantLinear {
                 "mixed batches while adapters are merged: unmerge first".into(),
             ));
         }
-        // Rows are grouped by adapter; each group runs as one forward (one launch per kernel
-        // and adapter group, not yet a single segmented launch).
-        let mut y = Matrix::zeros(x.rows, self.base.out_features());
-        let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
-        for (row, name) in names.iter().enumerate() {
-            match groups.iter_mut().find(|(n, _)| n == name) {
-                Some((_, rows)) => rows.push(row),
-                None => groups.push((name, vec![row])),
-            }
-        }
-        for (name, rows) in groups {
-            let data = rows.iter().flat_map(|r| x.row(*r).to_vec()).collect();
-            let xs = Matrix::new(rows.len(), x.cols, data)?;
-            let adapters: Vec<&Adapter> = self.adapter(name).into_iter().collect();
-            let ys = match &self.gpu {
-                None => self.forward_cpu(&xs, &adapters)?,
-                Some(gpu) => {
-                    let xg = GpuTensor::upload(&gpu.ctx, &xs, ActDtype::F32)?;
-                    self.forward_gpu_with(&xg, &adapters)?.download(&gpu.ctx)?
+        match &self.gpu {
+            None => {
+                let mut y = Matrix::zeros(x.rows, self.base.out_features());
+                for (row, name) in names.iter().enumerate() {
+                    let xr = Matrix::new(1, x.cols, x.row(row).to_vec())?;
+                    let adapters: Vec<&Adapter> = self.adapter(name).into_iter().collect();
+                    y.row_mut(row)
+                        .copy_from_slice(self.forward_cpu(&xr, &adapters)?.row(0));
                 }
-            };
-            for (i, r) in rows.iter().enumerate() {
-                y.row_mut(*r).copy_from_slice(ys.row(i));
+                Ok(y)
+            }
+            Some(gpu) => {
+                let xg = GpuTensor::upload(&gpu.ctx, x, ActDtype::F32)?;
+                self.forward_mixed_gpu(gpu, &xg, names)?.download(&gpu.ctx)
             }
         }
+    }
+
+    /// One launch per kernel for the whole batch: rotate (per-row OFT), the base matmul, shrink
+    /// and expand (per-row LoRA / DoRA).
+    fn forward_mixed_gpu(
+        &self,
+        gpu: &GpuState,
+        x: &GpuTensor,
+        names: &[&str],
+    ) -> Result<GpuTensor> {
+        let ctx = &gpu.ctx;
+        let mixed = self.mixed_adapters(gpu)?;
+        let slots: Vec<u32> = names
+            .iter()
+            .map(|n| {
+                self.adapters
+                    .iter()
+                    .position(|a| a.name() == *n)
+                    .map_or(mixed::NONE, |i| i as u32)
+            })
+            .collect();
+        let row_slots = mixed.row_slots(ctx, &slots)?;
+        let rotated = GpuTensor::poisoned(ctx, x.rows, x.cols, x.dtype)?;
+        let y = GpuTensor::poisoned(ctx, x.rows, self.base.out_features(), x.dtype)?;
+        let rotate = mixed.prepare_rotate(ctx, &row_slots, x, &rotated)?;
+        let matmul = gpu.base.prepare(
+            ctx,
+            &rotated,
+            &y,
+            crate::kernels::MatmulPath::for_rows(x.rows),
+        )?;
+        let [shrink, expand] =
+            mixed.prepare_lora(ctx, &row_slots, x, &y, Some(gpu.base.bias_buffer()))?;
+        Dispatch::run_all(ctx, &[&rotate, &matmul, &shrink, &expand])?;
         Ok(y)
+    }
+
+    fn mixed_adapters(&self, gpu: &GpuState) -> Result<Arc<GpuMixedAdapters>> {
+        let mut cached = gpu
+            .mixed
+            .lock()
+            .map_err(|_| Error::Gpu("mixed-batch cache poisoned".into()))?;
+        if let Some(m) = cached.as_ref() {
+            return Ok(m.clone());
+        }
+        let mut oft_blocks = Vec::new();
+        let mut dora_scales = Vec::new();
+        for adapter in &self.adapters {
+            match (adapter, gpu.adapters.get(adapter.name())) {
+                (Adapter::Oft(_), Some(GpuAdapter::Oft(g))) => {
+                    oft_blocks.push(g.download_blocks(&gpu.ctx)?)
+                }
+                (Adapter::Lora(lora), _) => {
+                    dora_scales.push(dora_scale(lora, self.original_base())?)
+                }
+                _ => {
+                    return Err(Error::Gpu(format!(
+                        "adapter `{}` is missing on the GPU",
+                        adapter.name()
+                    )));
+                }
+            }
+        }
+        let (mut oft_iter, mut dora_iter) = (oft_blocks.iter(), dora_scales.iter());
+        let mut slots = Vec::new();
+        for adapter in &self.adapters {
+            slots.push(match adapter {
+                Adapter::Oft(oft) => MixedSlot::Oft {
+                    blocks: oft_iter.next().map(Vec::as_slice).unwrap_or_default(),
+                    block_size: oft.block_size(),
+                },
+                Adapter::Lora(lora) => MixedSlot::Lora {
+                    a: lora.a(),
+                    b: lora.b(),
+                    scaling: lora.scaling(),
+                    dora_scale: dora_iter.next().and_then(|d| d.as_deref()),
+                },
+            });
+        }
+        let built = Arc::new(GpuMixedAdapters::upload(
+            &gpu.ctx,
+            self.base.in_features(),
+            self.base.out_features(),
+            &slots,
+        )?);
+        *cached = Some(built.clone());
+        Ok(built)
     }
 
     /// Merges the named adapters into an HQQ base, in order: dequantize, apply (`W·Rᵀ` for OFT,
@@ -424,6 +510,17 @@ pub fn merged_dense_weight(
         }
     }
     Ok(weight)
+}
+
+/// DoRA's per-output scale `magnitude / ‖W + s·B·A‖` from the unmerged base, or None for LoRA.
+fn dora_scale(lora: &LoraAdapter, base: &QuantWeight) -> Result<Option<Vec<f32>>> {
+    match lora.magnitude() {
+        Some(m) => {
+            let norms = lora.dora_norms(&base.dequantize())?;
+            Ok(Some(m.iter().zip(norms).map(|(m, n)| m / n).collect()))
+        }
+        None => Ok(None),
+    }
 }
 
 fn upload_adapter(ctx: &GpuContext, adapter: &Adapter, base: &QuantWeight) -> Result<GpuAdapter> {

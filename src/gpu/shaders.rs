@@ -37,6 +37,10 @@ const FILES: &[(&str, &str)] = &[
     ),
     ("lora.wgsl", include_str!("../../shaders/lora.wgsl")),
     (
+        "mixed_adapters.wgsl",
+        include_str!("../../shaders/mixed_adapters.wgsl"),
+    ),
+    (
         "oft_build.wgsl",
         include_str!("../../shaders/oft_build.wgsl"),
     ),
@@ -178,6 +182,7 @@ pub fn catalogue() -> Vec<ShaderKey> {
     keys.extend(crate::kernels::eetq::shader_keys());
     keys.extend(crate::kernels::oft::shader_keys());
     keys.extend(crate::kernels::lora::shader_keys());
+    keys.extend(crate::kernels::mixed::shader_keys());
     keys.extend(crate::kernels::hqq_quantize::shader_keys());
     keys
 }

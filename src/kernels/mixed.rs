@@ -1,0 +1,268 @@
+//! Mixed batches on the GPU (`shaders/mixed_adapters.wgsl`): every row picks its own adapter and
+//! each kernel (rotate, shrink, expand) runs once for the whole batch, whatever the number of
+//! adapters, segmented by a per-row slot index.
+
+use crate::error::{Error, Result};
+use crate::gpu::buffers::{POISON_F32, storage_from_bytes, storage_from_f32, uniform};
+use crate::gpu::shaders::ShaderKey;
+use crate::gpu::{ActDtype, GpuContext, GpuTensor};
+use crate::kernels::{Dispatch, bind};
+use crate::tensor::Matrix;
+
+const WORKGROUP: u32 = 256;
+const TABLE_STRIDE: usize = 8;
+const KIND_OFT: u32 = 1;
+const KIND_LORA: u32 = 2;
+/// Marks "no adapter" in a row's slot and "not DoRA" in a LoRA slot.
+pub const NONE: u32 = u32::MAX;
+
+/// Mirrors `MixedParams` in the shader.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+struct MixedParams {
+    m: u32,
+    k: u32,
+    n: u32,
+    max_rank: u32,
+    has_bias: u32,
+    pad: [u32; 3],
+}
+
+/// One adapter of a mixed batch.
+pub enum MixedSlot<'a> {
+    /// The distinct `b x b` blocks, row-major (one when shared).
+    Oft {
+        blocks: &'a [f32],
+        block_size: usize,
+    },
+    /// `a: [r, in]`, `b: [out, r]`; `dora_scale` = magnitude / row norm, per output.
+    Lora {
+        a: &'a Matrix,
+        b: &'a Matrix,
+        scaling: f32,
+        dora_scale: Option<&'a [f32]>,
+    },
+}
+
+fn key(entry: &'static str, act: ActDtype) -> ShaderKey {
+    ShaderKey::new("mixed_adapters", entry, act)
+}
+
+pub fn shader_keys() -> Vec<ShaderKey> {
+    let mut keys = Vec::new();
+    for act in [ActDtype::F32, ActDtype::F16] {
+        for entry in ["rotate", "shrink", "expand"] {
+            keys.push(key(entry, act));
+        }
+    }
+    keys
+}
+
+/// Every adapter of a layer packed into one weights buffer and one slot table.
+#[derive(Debug)]
+pub struct GpuMixedAdapters {
+    in_features: usize,
+    out_features: usize,
+    max_rank: usize,
+    table: wgpu::Buffer,
+    weights: wgpu::Buffer,
+}
+
+impl GpuMixedAdapters {
+    pub fn upload(
+        ctx: &GpuContext,
+        in_features: usize,
+        out_features: usize,
+        slots: &[MixedSlot<'_>],
+    ) -> Result<Self> {
+        let mut table = Vec::with_capacity(slots.len() * TABLE_STRIDE);
+        let mut weights: Vec<f32> = Vec::new();
+        let mut max_rank = 1;
+        for slot in slots {
+            let offset = weights.len() as u32;
+            let mut row = match slot {
+                MixedSlot::Oft { blocks, block_size } => {
+                    let per_block = block_size * block_size;
+                    if *block_size == 0
+                        || blocks.is_empty()
+                        || !blocks.len().is_multiple_of(per_block)
+                    {
+                        return Err(Error::shape(
+                            "mixed OFT blocks",
+                            format!("multiples of {block_size}x{block_size}"),
+                            &[blocks.len()],
+                        ));
+                    }
+                    weights.extend_from_slice(blocks);
+                    vec![
+                        KIND_OFT,
+                        offset,
+                        *block_size as u32,
+                        (blocks.len() / per_block) as u32,
+                    ]
+                }
+                MixedSlot::Lora {
+                    a,
+                    b,
+                    scaling,
+                    dora_scale,
+                } => {
+                    if a.cols != in_features || b.rows != out_features || b.cols != a.rows {
+                        return Err(Error::shape(
+                            "mixed LoRA",
+                            format!("A [r, {in_features}], B [{out_features}, r]"),
+                            &[a.rows, a.cols, b.rows, b.cols],
+                        ));
+                    }
+                    max_rank = max_rank.max(a.rows);
+                    weights.extend_from_slice(&a.data);
+                    let b_offset = weights.len() as u32;
+                    weights.extend_from_slice(&b.data);
+                    let dora = match dora_scale {
+                        Some(g) if g.len() == out_features => {
+                            let at = weights.len() as u32;
+                            weights.extend_from_slice(g);
+                            at
+                        }
+                        Some(g) => {
+                            return Err(Error::shape(
+                                "DoRA scale",
+                                format!("[{out_features}]"),
+                                &[g.len()],
+                            ));
+                        }
+                        None => NONE,
+                    };
+                    vec![
+                        KIND_LORA,
+                        offset,
+                        b_offset,
+                        a.rows as u32,
+                        scaling.to_bits(),
+                        dora,
+                    ]
+                }
+            };
+            row.resize(TABLE_STRIDE, 0);
+            table.extend(row);
+        }
+        if table.is_empty() {
+            table.resize(TABLE_STRIDE, 0);
+        }
+        Ok(Self {
+            in_features,
+            out_features,
+            max_rank,
+            table: storage_from_bytes(ctx, "mixed table", bytemuck::cast_slice(&table))?,
+            weights: storage_from_f32(ctx, "mixed weights", &weights)?,
+        })
+    }
+
+    /// The slot index of each row ([`NONE`] for the base alone), on the GPU.
+    pub fn row_slots(&self, ctx: &GpuContext, slots: &[u32]) -> Result<wgpu::Buffer> {
+        storage_from_bytes(ctx, "row slots", bytemuck::cast_slice(slots))
+    }
+
+    fn params(&self, ctx: &GpuContext, m: usize, has_bias: bool) -> wgpu::Buffer {
+        uniform(
+            ctx,
+            "mixed params",
+            &MixedParams {
+                m: m as u32,
+                k: self.in_features as u32,
+                n: self.out_features as u32,
+                max_rank: self.max_rank as u32,
+                has_bias: has_bias as u32,
+                pad: [0; 3],
+            },
+        )
+    }
+
+    /// Binds the per-row OFT rotation `x -> rotated` (rows without an OFT slot are copied).
+    pub fn prepare_rotate(
+        &self,
+        ctx: &GpuContext,
+        row_slots: &wgpu::Buffer,
+        x: &GpuTensor,
+        rotated: &GpuTensor,
+    ) -> Result<Dispatch> {
+        if x.cols != self.in_features || rotated.cols != x.cols || rotated.rows != x.rows {
+            return Err(Error::shape(
+                "x",
+                format!("[m, {}]", self.in_features),
+                &[x.rows, x.cols],
+            ));
+        }
+        let pipeline = ctx.pipeline(&key("rotate", x.dtype))?;
+        let params = self.params(ctx, x.rows, false);
+        let bind = bind(
+            ctx,
+            &pipeline,
+            &[
+                (0, &params),
+                (1, row_slots),
+                (2, &self.table),
+                (3, &self.weights),
+                (4, &x.buffer),
+                (7, &rotated.buffer),
+            ],
+        );
+        Ok(Dispatch::elementwise(pipeline, bind, x.numel(), WORKGROUP))
+    }
+
+    /// Binds the per-row LoRA / DoRA terms added into `y` (rows without a LoRA slot untouched).
+    pub fn prepare_lora(
+        &self,
+        ctx: &GpuContext,
+        row_slots: &wgpu::Buffer,
+        x: &GpuTensor,
+        y: &GpuTensor,
+        bias: Option<&wgpu::Buffer>,
+    ) -> Result<[Dispatch; 2]> {
+        if x.cols != self.in_features || y.cols != self.out_features || y.rows != x.rows {
+            return Err(Error::shape(
+                "x",
+                format!("[m, {}] -> [m, {}]", self.in_features, self.out_features),
+                &[x.rows, x.cols, y.rows, y.cols],
+            ));
+        }
+        let m = x.rows;
+        let h = storage_from_bytes(
+            ctx,
+            "mixed h",
+            &POISON_F32.to_le_bytes().repeat(m * self.max_rank),
+        )?;
+        let params = self.params(ctx, m, bias.is_some());
+        let shrink = ctx.pipeline(&key("shrink", x.dtype))?;
+        let shrink_bind = bind(
+            ctx,
+            &shrink,
+            &[
+                (0, &params),
+                (1, row_slots),
+                (2, &self.table),
+                (3, &self.weights),
+                (4, &x.buffer),
+                (5, &h),
+            ],
+        );
+        let expand = ctx.pipeline(&key("expand", x.dtype))?;
+        let expand_bind = bind(
+            ctx,
+            &expand,
+            &[
+                (0, &params),
+                (1, row_slots),
+                (2, &self.table),
+                (3, &self.weights),
+                (5, &h),
+                (6, bias.unwrap_or(&self.weights)),
+                (7, &y.buffer),
+            ],
+        );
+        Ok([
+            Dispatch::elementwise(shrink, shrink_bind, m * self.max_rank, WORKGROUP),
+            Dispatch::elementwise(expand, expand_bind, m * self.out_features, WORKGROUP),
+        ])
+    }
+}
