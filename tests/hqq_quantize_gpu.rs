@@ -123,8 +123,9 @@ fn golden_solver_within_one_percent_of_hqq_and_cpu() {
     }
 }
 
-/// At most 1% of the groups have GPU and CPU solver zeros further apart than 1e-4 (1 + |z|):
-/// the sums run in a different order and precision, which can flip a rare rounding tie.
+/// At most 1% of the groups (and at least two are allowed) have GPU and CPU solver zeros further
+/// apart than 1e-4 (1 + |z|): the sums run in a different order and precision, which can flip a
+/// rare rounding tie, and a flipped code moves its group's zero.
 fn assert_zeros_close(what: &str, gpu: &[f32], cpu: &[f32]) {
     assert_eq!(gpu.len(), cpu.len());
     let far = gpu
@@ -133,7 +134,7 @@ fn assert_zeros_close(what: &str, gpu: &[f32], cpu: &[f32]) {
         .filter(|(a, b)| (*a - *b).abs().is_nan() || (*a - *b).abs() > 1e-4 * (1.0 + b.abs()))
         .count();
     assert!(
-        far * 100 <= gpu.len(),
+        far <= (gpu.len() / 100).max(2),
         "{what}: {far} of {} solver zeros differ from the CPU's",
         gpu.len()
     );
