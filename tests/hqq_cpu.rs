@@ -184,4 +184,11 @@ fn forward_cpu_adds_the_bias() {
         HqqWeight::quantize(&m, Some(vec![1.0, 2.0, 3.0, 4.0]), &HqqConfig::new(8, 8, 1)).unwrap();
     let x = Matrix::new(1, 8, vec![0.0; 8]).unwrap();
     assert_eq!(w.forward_cpu(&x).unwrap().data, vec![1.0, 2.0, 3.0, 4.0]);
+    let ones = Matrix::new(1, 8, vec![1.0; 8]).unwrap();
+    let y = w.forward_cpu(&ones).unwrap();
+    let deq = w.dequantize();
+    for (n, v) in y.data.iter().enumerate() {
+        let expected = deq.row(n).iter().sum::<f32>() + (n + 1) as f32;
+        approx::assert_relative_eq!(*v, expected, max_relative = 1e-6);
+    }
 }
