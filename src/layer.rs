@@ -19,6 +19,7 @@ use crate::gpu::{ActDtype, GpuContext, GpuTensor};
 use crate::kernels::Dispatch;
 use crate::kernels::hqq_quantize::quantize_to_host;
 use crate::kernels::lora::GpuLora;
+use crate::kernels::merge::{self, MergeDelta};
 use crate::kernels::mixed::{self, GpuMixedAdapters, MixedSlot};
 use crate::kernels::oft::GpuOft;
 use crate::kernels::quant::GpuQuantWeight;
@@ -384,7 +385,7 @@ impl QuantLinear {
 
     /// Merges the named adapters into an HQQ base, in order: dequantize, apply (`W·Rᵀ` for OFT,
     /// `+ s·B·A` for LoRA, DoRA's rescale), re-quantize with the layer's own configuration and
-    /// the half-quadratic solver (on the GPU for a GPU layer). With `safe`, non-finite results are refused. On any error the
+    /// the half-quadratic solver (all three on the GPU for a GPU layer). With `safe`, non-finite results are refused. On any error the
     /// layer is left as it was.
     pub fn merge(&mut self, names: &[&str], safe: bool) -> Result<()> {
         let QuantWeight::Hqq(_) = &self.base else {
@@ -411,7 +412,10 @@ impl QuantLinear {
             let QuantWeight::Hqq(hqq) = &base else {
                 return Err(Error::Merge("the base stopped being HQQ".into()));
             };
-            let merged_weight = merged_dense(hqq, adapter, self.original_base())?;
+            let merged_weight = match &self.gpu {
+                Some(gpu) => self.merged_weight_gpu(&gpu.ctx, &base, adapter)?,
+                None => merged_dense(hqq, adapter, self.original_base())?,
+            };
             if safe {
                 check_finite("merged weight", &merged_weight.data)
                     .map_err(|e| adapter_error(name, format!("NaNs detected in the merged weights ({e}); the adapter seems to be broken")))?;
@@ -431,6 +435,39 @@ impl QuantLinear {
         self.replace_base(base)?;
         self.merged.extend(stack);
         Ok(())
+    }
+
+    /// `base` with `adapter` applied, dequantized and merged on the GPU.
+    fn merged_weight_gpu(
+        &self,
+        ctx: &GpuContext,
+        base: &QuantWeight,
+        adapter: &Adapter,
+    ) -> Result<Matrix> {
+        let gpu_base = GpuQuantWeight::upload(ctx, base)?;
+        match adapter {
+            Adapter::Oft(oft) => {
+                let blocks = oft.blocks_flat();
+                merge::merged_weight(
+                    ctx,
+                    &gpu_base,
+                    &MergeDelta::Oft {
+                        blocks: &blocks,
+                        block_size: oft.block_size(),
+                    },
+                )
+            }
+            Adapter::Lora(lora) => {
+                let dora = dora_scale(lora, self.original_base())?;
+                let delta = MergeDelta::Lora {
+                    a: lora.a(),
+                    b: lora.b(),
+                    scaling: lora.scaling(),
+                    dora_scale: dora.as_deref(),
+                };
+                merge::merged_weight(ctx, &gpu_base, &delta)
+            }
+        }
     }
 
     /// Unmerges the most recently merged adapter (exactly: the weight kept aside is restored).

@@ -204,3 +204,49 @@ fn adapter_management_errors() {
     );
     layer.remove_adapter("a").unwrap();
 }
+
+#[test]
+fn merge_apply_on_the_gpu_matches_the_cpu() {
+    use quantadapt::kernels::merge::{MergeDelta, merged_weight};
+    use quantadapt::kernels::quant::GpuQuantWeight;
+    use quantadapt::layer::merged_dense_weight;
+    let ctx = gpu();
+    let base = hqq_base();
+    let gpu_base = GpuQuantWeight::upload(ctx, &base).unwrap();
+    for adapter in [
+        oft("o", Parameterization::Cayley),
+        lora("l", false),
+        lora("d", true),
+    ] {
+        let expected = merged_dense_weight(&base, &adapter, &base).unwrap();
+        let got = match &adapter {
+            Adapter::Oft(o) => merged_weight(
+                ctx,
+                &gpu_base,
+                &MergeDelta::Oft {
+                    blocks: &o.blocks_flat(),
+                    block_size: o.block_size(),
+                },
+            ),
+            Adapter::Lora(l) => {
+                let g: Option<Vec<f32>> = l.magnitude().map(|m| {
+                    let norms = l.dora_norms(&base.dequantize()).unwrap();
+                    m.iter().zip(norms).map(|(m, n)| m / n).collect()
+                });
+                merged_weight(
+                    ctx,
+                    &gpu_base,
+                    &MergeDelta::Lora {
+                        a: l.a(),
+                        b: l.b(),
+                        scaling: l.scaling(),
+                        dora_scale: g.as_deref(),
+                    },
+                )
+            }
+        }
+        .unwrap();
+        let err = max_rel_error(&got.data, &expected.data);
+        assert!(err < 1e-5, "{}: {err}", adapter.kind());
+    }
+}

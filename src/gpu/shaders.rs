@@ -37,6 +37,10 @@ const FILES: &[(&str, &str)] = &[
     ),
     ("lora.wgsl", include_str!("../../shaders/lora.wgsl")),
     (
+        "merge_apply.wgsl",
+        include_str!("../../shaders/merge_apply.wgsl"),
+    ),
+    (
         "mixed_adapters.wgsl",
         include_str!("../../shaders/mixed_adapters.wgsl"),
     ),
@@ -183,6 +187,7 @@ pub fn catalogue() -> Vec<ShaderKey> {
     keys.extend(crate::kernels::oft::shader_keys());
     keys.extend(crate::kernels::lora::shader_keys());
     keys.extend(crate::kernels::mixed::shader_keys());
+    keys.extend(crate::kernels::merge::shader_keys());
     keys.extend(crate::kernels::hqq_quantize::shader_keys());
     keys
 }

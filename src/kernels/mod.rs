@@ -5,6 +5,7 @@ pub mod gptq;
 pub mod hqq;
 pub mod hqq_quantize;
 pub mod lora;
+pub mod merge;
 pub mod mixed;
 pub mod oft;
 pub mod quant;

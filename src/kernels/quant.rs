@@ -158,9 +158,9 @@ impl GpuQuantWeight {
         bind(ctx, pipeline, &entries)
     }
 
-    /// The whole weight dequantized to f32 `[out, in]`, for checks and merges; the layer itself
-    /// never keeps a dequantized copy.
-    pub fn dequantize(&self, ctx: &GpuContext) -> Result<Matrix> {
+    /// The whole weight dequantized to f32 `[out, in]` in a new GPU buffer, for merges; the
+    /// layer itself never keeps a dequantized copy.
+    pub fn dequantize_buffer(&self, ctx: &GpuContext) -> Result<wgpu::Buffer> {
         let numel = self.out_features * self.in_features;
         let out = storage_from_bytes(ctx, "dequantized", &POISON_F32.to_le_bytes().repeat(numel))?;
         let pipeline = ctx.pipeline(&self.shader.dequant_key())?;
@@ -172,7 +172,13 @@ impl GpuQuantWeight {
             grid((numel as u32).div_ceil(DEQUANT_WORKGROUP)),
         );
         Dispatch::run_all(ctx, &[&dispatch])?;
-        let bytes = read_buffer(ctx, &out, numel * 4)?;
+        Ok(out)
+    }
+
+    /// The whole weight dequantized to f32 `[out, in]` on the host, for checks.
+    pub fn dequantize(&self, ctx: &GpuContext) -> Result<Matrix> {
+        let numel = self.out_features * self.in_features;
+        let bytes = read_buffer(ctx, &self.dequantize_buffer(ctx)?, numel * 4)?;
         Matrix::new(
             self.out_features,
             self.in_features,
