@@ -129,14 +129,24 @@ impl GpuTensor {
     pub fn download(&self, ctx: &GpuContext) -> Result<Matrix> {
         let bytes = read_buffer(ctx, &self.buffer, self.numel() * self.dtype.bytes())?;
         let data = match self.dtype {
-            ActDtype::F32 => bytemuck::cast_slice::<u8, f32>(&bytes).to_vec(),
-            ActDtype::F16 => bytemuck::cast_slice::<u8, half::f16>(&bytes)
+            ActDtype::F32 => bytemuck::pod_collect_to_vec(&bytes),
+            ActDtype::F16 => bytemuck::pod_collect_to_vec::<u8, half::f16>(&bytes)
                 .iter()
                 .map(|h| h.to_f32())
                 .collect(),
         };
         Matrix::new(self.rows, self.cols, data)
     }
+}
+
+/// Reads the first `count` f32 values of a buffer (which must allow COPY_SRC) back to the host.
+pub fn read_f32(ctx: &GpuContext, buffer: &wgpu::Buffer, count: usize) -> Result<Vec<f32>> {
+    // pod_collect_to_vec copies, so the byte vector's alignment does not matter.
+    Ok(bytemuck::pod_collect_to_vec(&read_buffer(
+        ctx,
+        buffer,
+        count * 4,
+    )?))
 }
 
 /// Reads the first `len` bytes of a buffer (which must allow COPY_SRC) back to the host.

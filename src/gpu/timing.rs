@@ -45,7 +45,7 @@ pub fn time_pass(
             enc.resolve_query_set(&queries, 0..2, &resolve, 0);
         })?;
         let bytes = read_buffer(ctx, &resolve, 16)?;
-        let t: &[u64] = bytemuck::cast_slice(&bytes);
+        let t: Vec<u64> = bytemuck::pod_collect_to_vec(&bytes);
         times.push(t[1].saturating_sub(t[0]) as f64 * period / 1000.0);
     }
     Ok(times)

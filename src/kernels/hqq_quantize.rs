@@ -14,7 +14,9 @@
 
 use crate::error::{Error, Result, check_finite};
 use crate::formats::hqq::{ComputeDtype, Grouping, HqqConfig, HqqWeight, Packing};
-use crate::gpu::buffers::{POISON_F32, read_buffer, storage_from_bytes, storage_from_f32, uniform};
+use crate::gpu::buffers::{
+    POISON_F32, read_buffer, read_f32, storage_from_bytes, storage_from_f32, uniform,
+};
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext};
 use crate::kernels::quant::{FormatShader, GpuQuantWeight};
@@ -360,14 +362,8 @@ pub fn quantize_to_host(
     let plan = &q.plan;
     let groups = plan.grouping.groups();
     let packed = read_buffer(ctx, &q.packed, plan.packed_bytes)?;
-    let to_f32 = |bytes: Vec<u8>| -> Vec<f32> {
-        bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
-    };
-    let scale = to_f32(read_buffer(ctx, &q.scale, 4 * groups)?);
-    let zero = to_f32(read_buffer(ctx, &q.zero, 4 * groups)?);
+    let scale = read_f32(ctx, &q.scale, groups)?;
+    let zero = read_f32(ctx, &q.zero, groups)?;
     HqqWeight::from_parts(
         plan.out_features,
         plan.in_features,

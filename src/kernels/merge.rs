@@ -2,7 +2,7 @@
 //! result is then re-quantized by `kernels::hqq_quantize`.
 
 use crate::error::{Error, Result};
-use crate::gpu::buffers::{POISON_F32, read_buffer, storage_from_bytes, storage_from_f32, uniform};
+use crate::gpu::buffers::{POISON_F32, read_f32, storage_from_bytes, storage_from_f32, uniform};
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext};
 use crate::kernels::quant::GpuQuantWeight;
@@ -135,6 +135,5 @@ pub fn merged_weight(
         ctx,
         &[&Dispatch::elementwise(pipeline, bind, n * k, WORKGROUP)],
     )?;
-    let bytes = read_buffer(ctx, &out, n * k * 4)?;
-    Matrix::new(n, k, bytemuck::cast_slice(&bytes).to_vec())
+    Matrix::new(n, k, read_f32(ctx, &out, n * k)?)
 }

@@ -3,7 +3,7 @@
 
 use crate::adapters::oft::Parameterization;
 use crate::error::{Error, Result, check_finite};
-use crate::gpu::buffers::{POISON_F32, read_buffer, storage_from_bytes, storage_from_f32, uniform};
+use crate::gpu::buffers::{POISON_F32, read_f32, storage_from_bytes, storage_from_f32, uniform};
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
 use crate::kernels::{Dispatch, bind, grid};
@@ -208,12 +208,8 @@ impl GpuOft {
 
     /// The stored blocks, `[stored, b, b]` row-major (one block when shared), copied to the host.
     pub fn download_blocks(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
-        let len = self.stored_blocks * self.block_size * self.block_size * 4;
-        let bytes = read_buffer(ctx, &self.blocks, len)?;
-        Ok(bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+        let count = self.stored_blocks * self.block_size * self.block_size;
+        read_f32(ctx, &self.blocks, count)
     }
 
     /// Binds one rotation `x -> y` (both `[m, in]`).

@@ -4,7 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::formats::QuantWeight;
-use crate::gpu::buffers::{POISON_F32, read_buffer, storage_from_bytes, storage_from_f32, uniform};
+use crate::gpu::buffers::{POISON_F32, read_f32, storage_from_bytes, storage_from_f32, uniform};
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
 use crate::kernels::{Dispatch, GEMV_MAX_ROWS, MatmulPath, bind, grid};
@@ -178,12 +178,8 @@ impl GpuQuantWeight {
     /// The whole weight dequantized to f32 `[out, in]` on the host, for checks.
     pub fn dequantize(&self, ctx: &GpuContext) -> Result<Matrix> {
         let numel = self.out_features * self.in_features;
-        let bytes = read_buffer(ctx, &self.dequantize_buffer(ctx)?, numel * 4)?;
-        Matrix::new(
-            self.out_features,
-            self.in_features,
-            bytemuck::cast_slice(&bytes).to_vec(),
-        )
+        let values = read_f32(ctx, &self.dequantize_buffer(ctx)?, numel)?;
+        Matrix::new(self.out_features, self.in_features, values)
     }
 
     /// `y = x · Wᵀ + bias`, choosing the kernel by the number of rows.
