@@ -1,7 +1,7 @@
 //! HQQ's buffers for the quantized matmul family (`shaders/formats/hqq.wgsl`).
 
 use crate::error::Result;
-use crate::formats::hqq::{ComputeDtype, HqqWeight};
+use crate::formats::hqq::{ComputeDtype, Grouping, HqqWeight, Packing};
 use crate::gpu::GpuContext;
 use crate::gpu::buffers::{storage_from_bytes, storage_from_f32, uniform};
 use crate::gpu::shaders::ShaderKey;
@@ -17,15 +17,22 @@ struct HqqParams {
     slab_len: u32,
 }
 
-fn shader(field_bits: u32, compute: ComputeDtype) -> FormatShader {
-    let compute = match compute {
+/// `COMPUTE` in `shaders/common/rounding.wgsl`.
+pub(crate) fn compute_code(compute: ComputeDtype) -> u32 {
+    match compute {
         ComputeDtype::F32 => 0,
         ComputeDtype::F16 => 1,
         ComputeDtype::BF16 => 2,
-    };
+    }
+}
+
+fn shader(field_bits: u32, compute: ComputeDtype) -> FormatShader {
     FormatShader {
         flag: "HQQ",
-        consts: vec![("FIELD_BITS", field_bits), ("COMPUTE", compute)],
+        consts: vec![
+            ("FIELD_BITS", field_bits),
+            ("COMPUTE", compute_code(compute)),
+        ],
     }
 }
 
@@ -40,27 +47,59 @@ pub fn shader_keys() -> Vec<ShaderKey> {
     keys
 }
 
+/// Where an HQQ weight's packed codes, scale and zero sit on the GPU, and how they are laid out.
+pub(crate) struct HqqBuffers<'a> {
+    pub shape: (usize, usize),
+    pub grouping: &'a Grouping,
+    pub packing: &'a Packing,
+    /// Stored elements per slab: packed rows x packed cols.
+    pub slab_len: usize,
+    pub compute: ComputeDtype,
+    pub packed: wgpu::Buffer,
+    pub scale: wgpu::Buffer,
+    pub zero: wgpu::Buffer,
+}
+
 impl GpuQuantWeight {
     /// Uploads an HQQ weight as stored: packed codes, scale and zero per group.
     pub fn from_hqq(ctx: &GpuContext, w: &HqqWeight) -> Result<Self> {
+        let buffers = HqqBuffers {
+            shape: (w.out_features, w.in_features),
+            grouping: &w.grouping,
+            packing: &w.packing,
+            slab_len: w.packed_rows * w.packed_cols,
+            compute: w.compute_dtype,
+            packed: storage_from_bytes(ctx, "hqq W_q", &w.packed)?,
+            scale: storage_from_f32(ctx, "hqq scale", &w.scale)?,
+            zero: storage_from_f32(ctx, "hqq zero", &w.zero)?,
+        };
+        Self::from_hqq_buffers(ctx, buffers, w.bias.as_deref())
+    }
+
+    /// An HQQ layer from buffers already on the GPU (uploaded, or written by the GPU quantizer).
+    pub(crate) fn from_hqq_buffers(
+        ctx: &GpuContext,
+        b: HqqBuffers<'_>,
+        bias: Option<&[f32]>,
+    ) -> Result<Self> {
         let params = HqqParams {
-            group_size: w.grouping.group_size as u32,
-            groups: w.grouping.groups() as u32,
-            axis: w.grouping.axis as u32,
-            slab_len: (w.packed_rows * w.packed_cols) as u32,
+            group_size: b.grouping.group_size as u32,
+            groups: b.grouping.groups() as u32,
+            axis: b.grouping.axis as u32,
+            slab_len: b.slab_len as u32,
         };
         let bindings = vec![
             (1, uniform(ctx, "hqq params", &params)),
-            (2, storage_from_bytes(ctx, "hqq W_q", &w.packed)?),
-            (3, storage_from_f32(ctx, "hqq scale", &w.scale)?),
-            (4, storage_from_f32(ctx, "hqq zero", &w.zero)?),
+            (2, b.packed),
+            (3, b.scale),
+            (4, b.zero),
         ];
         Self::new(
             ctx,
-            (w.out_features, w.in_features),
-            shader(w.packing.field_bits(), w.compute_dtype),
+            b.shape,
+            shader(b.packing.field_bits(), b.compute),
             bindings,
-            w.bias.as_deref(),
+            bias,
         )
     }
 }

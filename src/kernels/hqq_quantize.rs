@@ -19,7 +19,8 @@ use crate::gpu::buffers::{
 };
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext};
-use crate::kernels::quant::{FormatShader, GpuQuantWeight};
+use crate::kernels::hqq::{HqqBuffers, compute_code};
+use crate::kernels::quant::GpuQuantWeight;
 use crate::kernels::{Dispatch, bind, grid};
 use crate::tensor::Matrix;
 
@@ -60,24 +61,6 @@ struct SolverState {
     beta: f32,
     best: f32,
     iterations: u32,
-}
-
-/// Mirrors `FormatParams` in `shaders/formats/hqq.wgsl` (as `kernels::hqq` fills it).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
-struct HqqFormatParams {
-    group_size: u32,
-    groups: u32,
-    axis: u32,
-    slab_len: u32,
-}
-
-fn compute_code(d: ComputeDtype) -> u32 {
-    match d {
-        ComputeDtype::F32 => 0,
-        ComputeDtype::F16 => 1,
-        ComputeDtype::BF16 => 2,
-    }
 }
 
 fn key(entry: &'static str, compute: ComputeDtype) -> ShaderKey {
@@ -322,33 +305,17 @@ pub fn quantize_on_gpu(
 ) -> Result<GpuQuantWeight> {
     let q = run(ctx, weight, bias, config)?;
     let plan = &q.plan;
-    let format_params = HqqFormatParams {
-        group_size: plan.grouping.group_size as u32,
-        groups: plan.grouping.groups() as u32,
-        axis: plan.grouping.axis as u32,
-        slab_len: (plan.packed_rows * plan.packed_cols) as u32,
+    let buffers = HqqBuffers {
+        shape: (plan.out_features, plan.in_features),
+        grouping: &plan.grouping,
+        packing: &plan.packing,
+        slab_len: plan.packed_rows * plan.packed_cols,
+        compute: config.compute_dtype,
+        packed: q.packed,
+        scale: q.scale,
+        zero: q.zero,
     };
-    // The same specialization and bindings as `GpuQuantWeight::from_hqq`.
-    let shader = FormatShader {
-        flag: "HQQ",
-        consts: vec![
-            ("FIELD_BITS", plan.packing.field_bits()),
-            ("COMPUTE", compute_code(config.compute_dtype)),
-        ],
-    };
-    let bindings = vec![
-        (1, uniform(ctx, "hqq params", &format_params)),
-        (2, q.packed),
-        (3, q.scale),
-        (4, q.zero),
-    ];
-    GpuQuantWeight::new(
-        ctx,
-        (plan.out_features, plan.in_features),
-        shader,
-        bindings,
-        bias,
-    )
+    GpuQuantWeight::from_hqq_buffers(ctx, buffers, bias)
 }
 
 /// [`quantize_on_gpu`], then the packed bytes, scale and zero downloaded into an [`HqqWeight`].
