@@ -452,15 +452,7 @@ fn lora_hqq_forward(case: &Case, gpu: Option<&GpuContext>) -> Result<()> {
             LoraAdapter::from_peft_dir(name, &dir, None, base.in_features, base.out_features)?;
         let y = match (gpu, &gpu_base) {
             (Some(ctx), Some(layer)) => {
-                let dora_scale = match lora.magnitude() {
-                    Some(m) => Some(
-                        m.iter()
-                            .zip(lora.dora_norms(&weight)?)
-                            .map(|(m, n)| m / n)
-                            .collect::<Vec<f32>>(),
-                    ),
-                    None => None,
-                };
+                let dora_scale = lora.dora_scale(&weight)?;
                 let adapter = GpuLora::upload(
                     ctx,
                     lora.a(),

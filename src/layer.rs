@@ -532,13 +532,7 @@ pub fn merged_dense_weight(
         }
         Adapter::Lora(lora) => {
             let delta = lora.delta_weight();
-            let scale = match lora.magnitude() {
-                Some(m) => {
-                    let norms = lora.dora_norms(&original.dequantize())?;
-                    m.iter().zip(norms).map(|(m, n)| m / n).collect()
-                }
-                None => vec![1.0; weight.rows],
-            };
+            let scale = dora_scale(lora, original)?.unwrap_or_else(|| vec![1.0; weight.rows]);
             for (n, g) in scale.iter().enumerate() {
                 for (w, d) in weight.row_mut(n).iter_mut().zip(delta.row(n)) {
                     *w = (*w + d) * g;
@@ -551,13 +545,10 @@ pub fn merged_dense_weight(
 
 /// DoRA's per-output scale `magnitude / ‖W + s·B·A‖` from the unmerged base, or None for LoRA.
 fn dora_scale(lora: &LoraAdapter, base: &QuantWeight) -> Result<Option<Vec<f32>>> {
-    match lora.magnitude() {
-        Some(m) => {
-            let norms = lora.dora_norms(&base.dequantize())?;
-            Ok(Some(m.iter().zip(norms).map(|(m, n)| m / n).collect()))
-        }
-        None => Ok(None),
+    if !lora.is_dora() {
+        return Ok(None);
     }
+    lora.dora_scale(&base.dequantize())
 }
 
 fn upload_adapter(ctx: &GpuContext, adapter: &Adapter, base: &QuantWeight) -> Result<GpuAdapter> {
@@ -572,18 +563,7 @@ fn upload_adapter(ctx: &GpuContext, adapter: &Adapter, base: &QuantWeight) -> Re
             oft.parameterization(),
         )?),
         Adapter::Lora(lora) => {
-            let dora_scale = match lora.magnitude() {
-                Some(m) => {
-                    let norms = lora.dora_norms(&base.dequantize())?;
-                    Some(
-                        m.iter()
-                            .zip(norms)
-                            .map(|(m, n)| m / n)
-                            .collect::<Vec<f32>>(),
-                    )
-                }
-                None => None,
-            };
+            let dora_scale = dora_scale(lora, base)?;
             GpuAdapter::Lora(GpuLora::upload(
                 ctx,
                 lora.a(),

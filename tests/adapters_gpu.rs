@@ -78,10 +78,7 @@ fn lora_case(rank: usize, dora: bool) {
     lora.apply_cpu(&x, &mut expected, Some(&bias), &base_weight)
         .unwrap();
 
-    let dora_scale: Option<Vec<f32>> = lora.magnitude().map(|mag| {
-        let norms = lora.dora_norms(&base_weight).unwrap();
-        mag.iter().zip(&norms).map(|(m, n)| m / n).collect()
-    });
+    let dora_scale = lora.dora_scale(&base_weight).unwrap();
     let gl = GpuLora::upload(
         ctx,
         lora.a(),

@@ -229,10 +229,7 @@ fn merge_apply_on_the_gpu_matches_the_cpu() {
                 },
             ),
             Adapter::Lora(l) => {
-                let g: Option<Vec<f32>> = l.magnitude().map(|m| {
-                    let norms = l.dora_norms(&base.dequantize()).unwrap();
-                    m.iter().zip(norms).map(|(m, n)| m / n).collect()
-                });
+                let g = l.dora_scale(&base.dequantize()).unwrap();
                 merged_weight(
                     ctx,
                     &gpu_base,

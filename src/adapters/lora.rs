@@ -351,6 +351,18 @@ impl LoraAdapter {
             .collect())
     }
 
+    /// DoRA's per-output scale `g = m / n` with `n` from [`Self::dora_norms`] of `base_weight`;
+    /// `None` for a plain LoRA adapter.
+    pub fn dora_scale(&self, base_weight: &Matrix) -> Result<Option<Vec<f32>>> {
+        let Some(magnitude) = &self.magnitude else {
+            return Ok(None);
+        };
+        let norms = self.dora_norms(base_weight)?;
+        Ok(Some(
+            magnitude.iter().zip(norms).map(|(m, n)| m / n).collect(),
+        ))
+    }
+
     /// Adds this adapter to the running base output `y: [m, out]` for input `x: [m, in]`, as
     /// PEFT's forward does. LoRA: `y += s·(x·Aᵀ)·Bᵀ`. DoRA, with `g = m/n` from
     /// [`Self::dora_norms`] of `base_weight`: `y += (g − 1)·(y − bias) + g·s·(x·Aᵀ)·Bᵀ`, which
