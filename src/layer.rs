@@ -414,7 +414,7 @@ impl QuantLinear {
             };
             let merged_weight = match &self.gpu {
                 Some(gpu) => self.merged_weight_gpu(&gpu.ctx, &base, adapter)?,
-                None => merged_dense(hqq, adapter, self.original_base())?,
+                None => merged_dense_weight(&base, adapter, self.original_base())?,
             };
             if safe {
                 check_finite("merged weight", &merged_weight.data)
@@ -499,12 +499,8 @@ fn hqq_config(w: &HqqWeight) -> HqqConfig {
     config
 }
 
-/// The dense weight after merging `adapter` into `w`; DoRA's norm comes from `original`.
-fn merged_dense(w: &HqqWeight, adapter: &Adapter, original: &QuantWeight) -> Result<Matrix> {
-    merged_dense_weight(&QuantWeight::Hqq(w.clone()), adapter, original)
-}
-
-/// The float weight of merging `adapter` into `base` (what a re-quantization approximates).
+/// The float weight of merging `adapter` into `base` (what a re-quantization approximates);
+/// DoRA's norm comes from `original`, the base before any merge.
 pub fn merged_dense_weight(
     base: &QuantWeight,
     adapter: &Adapter,
