@@ -1,60 +1,11 @@
 //! HQQ on the CPU against HQQ 0.2.8's own packing, dequantization and solver (golden `hqq_quant`).
 
-use std::path::PathBuf;
+mod common;
 
+use common::{HqqQuantCase as Case, hqq_quant_cases as cases};
 use quantadapt::formats::QuantFormat;
 use quantadapt::formats::hqq::{self, Grouping, HqqConfig, HqqWeight, Packing};
-use quantadapt::io::TensorFile;
 use quantadapt::tensor::{Matrix, rel_frobenius_error};
-
-fn golden_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/golden")
-}
-
-fn hqq_quant_cases() -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(golden_dir().join("manifest.json")).unwrap();
-    let manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
-    manifest["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["kind"] == "hqq_quant")
-        .cloned()
-        .collect()
-}
-
-struct Case {
-    name: String,
-    file: TensorFile,
-    shape: (usize, usize),
-    nbits: u32,
-    group_size: usize,
-    axis: usize,
-}
-
-fn cases() -> Vec<Case> {
-    let cases: Vec<Case> = hqq_quant_cases()
-        .iter()
-        .map(|c| {
-            let meta = &c["meta"];
-            let name = c["name"].as_str().unwrap().to_string();
-            Case {
-                file: TensorFile::open(golden_dir().join(&name).join("tensors.safetensors"))
-                    .unwrap(),
-                name,
-                shape: (
-                    meta["shape"][0].as_u64().unwrap() as usize,
-                    meta["shape"][1].as_u64().unwrap() as usize,
-                ),
-                nbits: meta["nbits"].as_u64().unwrap() as u32,
-                group_size: meta["group_size"].as_u64().unwrap() as usize,
-                axis: meta["axis"].as_u64().unwrap() as usize,
-            }
-        })
-        .collect();
-    assert!(cases.len() >= 80, "expected the golden hqq_quant cases");
-    cases
-}
 
 fn weight_from(case: &Case, suffix: &str) -> HqqWeight {
     let f = &case.file;

@@ -3,34 +3,25 @@
 
 mod common;
 
-use common::{golden_dir, gpu, random_matrix};
+use common::{gpu, hqq_quant_cases, random_matrix};
 use quantadapt::formats::QuantFormat;
 use quantadapt::formats::hqq::{ComputeDtype, HqqConfig, HqqWeight};
 use quantadapt::gpu::{ActDtype, GpuTensor};
-use quantadapt::io::TensorFile;
 use quantadapt::kernels::MatmulPath;
 use quantadapt::kernels::quant::GpuQuantWeight;
 use quantadapt::tensor::{Matrix, max_rel_error};
 
 #[test]
 fn gpu_dequant_matches_hqq_golden_bit_for_bit() {
-    let text = std::fs::read_to_string(golden_dir().join("manifest.json")).unwrap();
-    let manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
     let mut checked = 0;
-    for case in manifest["cases"].as_array().unwrap() {
-        if case["kind"] != "hqq_quant" {
-            continue;
-        }
-        let name = case["name"].as_str().unwrap();
-        let meta = &case["meta"];
-        let file = TensorFile::open(golden_dir().join(name).join("tensors.safetensors")).unwrap();
-        let u = |k: &str| meta[k].as_u64().unwrap() as usize;
+    for case in &hqq_quant_cases() {
+        let (name, file) = (&case.name, &case.file);
         let w = HqqWeight::from_parts(
-            meta["shape"][0].as_u64().unwrap() as usize,
-            meta["shape"][1].as_u64().unwrap() as usize,
-            u("nbits") as u32,
-            u("group_size"),
-            u("axis"),
+            case.shape.0,
+            case.shape.1,
+            case.nbits,
+            case.group_size,
+            case.axis,
             file.get("W_q_opt").unwrap().bytes.clone(),
             file.get("scale_opt").unwrap().to_f32().unwrap(),
             file.get("zero_opt").unwrap().to_f32().unwrap(),

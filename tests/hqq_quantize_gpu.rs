@@ -3,53 +3,14 @@
 
 mod common;
 
-use common::{golden_dir, gpu, random_matrix};
+use common::{HqqQuantCase as Case, gpu, hqq_quant_cases as cases, random_matrix};
 use quantadapt::Error;
 use quantadapt::formats::QuantFormat;
 use quantadapt::formats::hqq::{self, ComputeDtype, HqqConfig, HqqWeight};
 use quantadapt::gpu::{ActDtype, GpuTensor};
-use quantadapt::io::TensorFile;
 use quantadapt::kernels::hqq_quantize::{quantize_on_gpu, quantize_to_host};
 use quantadapt::kernels::quant::GpuQuantWeight;
 use quantadapt::tensor::{Matrix, max_rel_error, rel_frobenius_error};
-
-struct Case {
-    name: String,
-    file: TensorFile,
-    shape: (usize, usize),
-    nbits: u32,
-    group_size: usize,
-    axis: usize,
-}
-
-fn cases() -> Vec<Case> {
-    let text = std::fs::read_to_string(golden_dir().join("manifest.json")).unwrap();
-    let manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let cases: Vec<Case> = manifest["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["kind"] == "hqq_quant")
-        .map(|c| {
-            let meta = &c["meta"];
-            let name = c["name"].as_str().unwrap().to_string();
-            Case {
-                file: TensorFile::open(golden_dir().join(&name).join("tensors.safetensors"))
-                    .unwrap(),
-                name,
-                shape: (
-                    meta["shape"][0].as_u64().unwrap() as usize,
-                    meta["shape"][1].as_u64().unwrap() as usize,
-                ),
-                nbits: meta["nbits"].as_u64().unwrap() as u32,
-                group_size: meta["group_size"].as_u64().unwrap() as usize,
-                axis: meta["axis"].as_u64().unwrap() as usize,
-            }
-        })
-        .collect();
-    assert!(cases.len() >= 80, "expected the golden hqq_quant cases");
-    cases
-}
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()

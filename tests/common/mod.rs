@@ -30,3 +30,46 @@ pub fn random_matrix(rows: usize, cols: usize, scale: f32) -> Matrix {
     assert!(data.iter().any(|v| *v != 0.0));
     Matrix::new(rows, cols, data).unwrap()
 }
+
+/// One golden `hqq_quant` case: HQQ's own packing, dequantization and solver outputs.
+pub struct HqqQuantCase {
+    pub name: String,
+    pub file: quantadapt::io::TensorFile,
+    pub shape: (usize, usize),
+    pub nbits: u32,
+    pub group_size: usize,
+    pub axis: usize,
+}
+
+/// Every golden `hqq_quant` case (there are more than 80).
+pub fn hqq_quant_cases() -> Vec<HqqQuantCase> {
+    let text = std::fs::read_to_string(golden_dir().join("manifest.json")).unwrap();
+    let manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let cases: Vec<HqqQuantCase> = manifest["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["kind"] == "hqq_quant")
+        .map(|c| {
+            let meta = &c["meta"];
+            let name = c["name"].as_str().unwrap().to_string();
+            let number = |key: &str| meta[key].as_u64().unwrap() as usize;
+            HqqQuantCase {
+                file: quantadapt::io::TensorFile::open(
+                    golden_dir().join(&name).join("tensors.safetensors"),
+                )
+                .unwrap(),
+                name,
+                shape: (
+                    meta["shape"][0].as_u64().unwrap() as usize,
+                    meta["shape"][1].as_u64().unwrap() as usize,
+                ),
+                nbits: number("nbits") as u32,
+                group_size: number("group_size"),
+                axis: number("axis"),
+            }
+        })
+        .collect();
+    assert!(cases.len() >= 80, "expected the golden hqq_quant cases");
+    cases
+}
