@@ -87,6 +87,12 @@ fn check_binding_size(ctx: &GpuContext, label: &str, bytes: usize) -> Result<()>
 /// Bit pattern written into fresh outputs so that elements a kernel fails to write show up (NaN).
 pub const POISON_F32: u32 = 0x7fc0_dead;
 
+/// A storage buffer of `count` f32 filled with NaN poison, so elements a kernel fails to write
+/// show up.
+pub fn poisoned_f32(ctx: &GpuContext, label: &str, count: usize) -> Result<wgpu::Buffer> {
+    storage_from_bytes(ctx, label, &POISON_F32.to_le_bytes().repeat(count))
+}
+
 impl GpuTensor {
     pub fn numel(&self) -> usize {
         self.rows * self.cols

@@ -15,7 +15,7 @@
 use crate::error::{Error, Result, check_finite};
 use crate::formats::hqq::{ComputeDtype, Grouping, HqqConfig, HqqWeight, Packing};
 use crate::gpu::buffers::{
-    POISON_F32, read_buffer, read_f32, storage_from_bytes, storage_from_f32, uniform,
+    poisoned_f32, read_buffer, read_f32, storage_from_bytes, storage_from_f32, uniform,
 };
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext};
@@ -183,10 +183,6 @@ struct Quantized {
     zero: wgpu::Buffer,
 }
 
-fn poisoned(ctx: &GpuContext, label: &str, words: usize) -> Result<wgpu::Buffer> {
-    storage_from_bytes(ctx, label, &POISON_F32.to_le_bytes().repeat(words.max(1)))
-}
-
 fn run(
     ctx: &GpuContext,
     weight: &Matrix,
@@ -197,10 +193,10 @@ fn run(
     let groups = plan.grouping.groups();
     let params = uniform(ctx, "hqq quantize params", &plan.params);
     let w = storage_from_f32(ctx, "hqq quantize W", &weight.data)?;
-    let inv_scale = poisoned(ctx, "hqq inv_scale", groups)?;
-    let scale = poisoned(ctx, "hqq scale", groups)?;
-    let zero = poisoned(ctx, "hqq zero", groups)?;
-    let packed = poisoned(ctx, "hqq W_q", plan.params.words as usize)?;
+    let inv_scale = poisoned_f32(ctx, "hqq inv_scale", groups)?;
+    let scale = poisoned_f32(ctx, "hqq scale", groups)?;
+    let zero = poisoned_f32(ctx, "hqq zero", groups)?;
+    let packed = poisoned_f32(ctx, "hqq W_q", plan.params.words as usize)?;
     let state = SolverState {
         stopped: 0,
         beta: config.solver.beta,
@@ -227,7 +223,7 @@ fn run(
     };
     let mut dispatches = vec![init];
     if config.optimize && config.solver.iters > 0 {
-        let group_error = poisoned(ctx, "hqq group error", groups)?;
+        let group_error = poisoned_f32(ctx, "hqq group error", groups)?;
         let p = ctx.pipeline(&key("iterate", ComputeDtype::F32))?;
         let b = bind(
             ctx,

@@ -2,10 +2,10 @@
 //! the scaled product into the base output in place (and rescales it for DoRA).
 
 use crate::error::{Error, Result};
-use crate::gpu::buffers::{POISON_F32, storage_from_bytes, storage_from_f32, uniform};
+use crate::gpu::buffers::{poisoned_f32, storage_from_f32, uniform};
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
-use crate::kernels::{Dispatch, bind};
+use crate::kernels::{Dispatch, bind, check_io};
 use crate::tensor::Matrix;
 
 const WORKGROUP: u32 = 256;
@@ -96,23 +96,9 @@ impl GpuLora {
         y: &GpuTensor,
         bias: Option<&wgpu::Buffer>,
     ) -> Result<[Dispatch; 2]> {
-        if x.cols != self.in_features
-            || y.cols != self.out_features
-            || y.rows != x.rows
-            || y.dtype != x.dtype
-        {
-            return Err(Error::shape(
-                "x",
-                format!("[m, {}] -> [m, {}]", self.in_features, self.out_features),
-                &[x.rows, x.cols, y.rows, y.cols],
-            ));
-        }
+        check_io(x, y, self.in_features, self.out_features)?;
         let m = x.rows;
-        let h = storage_from_bytes(
-            ctx,
-            "lora h",
-            &POISON_F32.to_le_bytes().repeat(m * self.rank),
-        )?;
+        let h = poisoned_f32(ctx, "lora h", m * self.rank)?;
         let params = uniform(
             ctx,
             "lora params",

@@ -3,10 +3,10 @@
 //! adapters, segmented by a per-row slot index.
 
 use crate::error::{Error, Result};
-use crate::gpu::buffers::{POISON_F32, storage_from_bytes, storage_from_f32, uniform};
+use crate::gpu::buffers::{poisoned_f32, storage_from_bytes, storage_from_f32, uniform};
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
-use crate::kernels::{Dispatch, bind};
+use crate::kernels::{Dispatch, bind, check_io};
 use crate::tensor::Matrix;
 
 const WORKGROUP: u32 = 256;
@@ -186,13 +186,7 @@ impl GpuMixedAdapters {
         x: &GpuTensor,
         rotated: &GpuTensor,
     ) -> Result<Dispatch> {
-        if x.cols != self.in_features || rotated.cols != x.cols || rotated.rows != x.rows {
-            return Err(Error::shape(
-                "x",
-                format!("[m, {}]", self.in_features),
-                &[x.rows, x.cols],
-            ));
-        }
+        check_io(x, rotated, self.in_features, self.in_features)?;
         let pipeline = ctx.pipeline(&key("rotate", x.dtype))?;
         let params = self.params(ctx, x.rows, false);
         let bind = bind(
@@ -219,19 +213,9 @@ impl GpuMixedAdapters {
         y: &GpuTensor,
         bias: Option<&wgpu::Buffer>,
     ) -> Result<[Dispatch; 2]> {
-        if x.cols != self.in_features || y.cols != self.out_features || y.rows != x.rows {
-            return Err(Error::shape(
-                "x",
-                format!("[m, {}] -> [m, {}]", self.in_features, self.out_features),
-                &[x.rows, x.cols, y.rows, y.cols],
-            ));
-        }
+        check_io(x, y, self.in_features, self.out_features)?;
         let m = x.rows;
-        let h = storage_from_bytes(
-            ctx,
-            "mixed h",
-            &POISON_F32.to_le_bytes().repeat(m * self.max_rank),
-        )?;
+        let h = poisoned_f32(ctx, "mixed h", m * self.max_rank)?;
         let params = self.params(ctx, m, bias.is_some());
         let shrink = ctx.pipeline(&key("shrink", x.dtype))?;
         let shrink_bind = bind(

@@ -10,8 +10,8 @@ pub mod mixed;
 pub mod oft;
 pub mod quant;
 
-use crate::error::Result;
-use crate::gpu::GpuContext;
+use crate::error::{Error, Result};
+use crate::gpu::{GpuContext, GpuTensor};
 
 /// Workgroup grid for `count` workgroups, split over x and y past the 65535-per-dimension limit.
 pub(crate) fn grid(count: u32) -> (u32, u32) {
@@ -41,6 +41,18 @@ impl MatmulPath {
             Self::Tiled
         }
     }
+}
+
+/// Fails unless `x: [m, inputs]` and `y: [m, outputs]` have the same rows and dtype.
+pub(crate) fn check_io(x: &GpuTensor, y: &GpuTensor, inputs: usize, outputs: usize) -> Result<()> {
+    if x.cols != inputs || y.cols != outputs || y.rows != x.rows || y.dtype != x.dtype {
+        return Err(Error::shape(
+            "x",
+            format!("[m, {inputs}] -> [m, {outputs}] of one dtype"),
+            &[x.rows, x.cols, y.rows, y.cols],
+        ));
+    }
+    Ok(())
 }
 
 /// A bound kernel launch that can be recorded into any compute pass, any number of times.

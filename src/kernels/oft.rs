@@ -3,10 +3,10 @@
 
 use crate::adapters::oft::Parameterization;
 use crate::error::{Error, Result, check_finite};
-use crate::gpu::buffers::{POISON_F32, read_f32, storage_from_bytes, storage_from_f32, uniform};
+use crate::gpu::buffers::{poisoned_f32, read_f32, storage_from_f32, uniform};
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
-use crate::kernels::{Dispatch, bind, grid};
+use crate::kernels::{Dispatch, bind, check_io, grid};
 
 const WORKGROUP: u32 = 256;
 
@@ -167,11 +167,7 @@ impl GpuOft {
             },
         );
         let params_buf = storage_from_f32(ctx, "oft generator", params)?;
-        let blocks = storage_from_bytes(
-            ctx,
-            "oft blocks",
-            &POISON_F32.to_le_bytes().repeat(out_floats),
-        )?;
+        let blocks = poisoned_f32(ctx, "oft blocks", out_floats)?;
         let scratch_bytes = scratch_floats.checked_mul(4).ok_or_else(too_big)?;
         let limit = ctx.limits().max_storage_buffer_binding_size as usize;
         if scratch_bytes > limit {
@@ -214,14 +210,7 @@ impl GpuOft {
 
     /// Binds one rotation `x -> y` (both `[m, in]`).
     pub fn prepare(&self, ctx: &GpuContext, x: &GpuTensor, y: &GpuTensor) -> Result<Dispatch> {
-        if x.cols != self.in_features || y.cols != x.cols || y.rows != x.rows || y.dtype != x.dtype
-        {
-            return Err(Error::shape(
-                "x",
-                format!("[m, {}] in and out", self.in_features),
-                &[x.rows, x.cols, y.rows, y.cols],
-            ));
-        }
+        check_io(x, y, self.in_features, self.in_features)?;
         let pipeline = ctx.pipeline(&key(x.dtype))?;
         let params = uniform(
             ctx,

@@ -4,10 +4,10 @@
 
 use crate::error::{Error, Result};
 use crate::formats::QuantWeight;
-use crate::gpu::buffers::{POISON_F32, read_f32, storage_from_bytes, storage_from_f32, uniform};
+use crate::gpu::buffers::{poisoned_f32, read_f32, storage_from_f32, uniform};
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
-use crate::kernels::{Dispatch, GEMV_MAX_ROWS, MatmulPath, bind, grid};
+use crate::kernels::{Dispatch, GEMV_MAX_ROWS, MatmulPath, bind, check_io, grid};
 use crate::tensor::Matrix;
 
 const GEMV_WORKGROUP: u32 = 64;
@@ -162,7 +162,7 @@ impl GpuQuantWeight {
     /// layer itself never keeps a dequantized copy.
     pub fn dequantize_buffer(&self, ctx: &GpuContext) -> Result<wgpu::Buffer> {
         let numel = self.out_features * self.in_features;
-        let out = storage_from_bytes(ctx, "dequantized", &POISON_F32.to_le_bytes().repeat(numel))?;
+        let out = poisoned_f32(ctx, "dequantized", numel)?;
         let pipeline = ctx.pipeline(&self.shader.dequant_key())?;
         let params = self.params(ctx, 0);
         let bind = self.bind_group(ctx, &pipeline, &params, &[(8, &out)]);
@@ -206,17 +206,7 @@ impl GpuQuantWeight {
         y: &GpuTensor,
         path: MatmulPath,
     ) -> Result<Dispatch> {
-        if x.cols != self.in_features
-            || y.cols != self.out_features
-            || y.rows != x.rows
-            || y.dtype != x.dtype
-        {
-            return Err(Error::shape(
-                "x",
-                format!("[m, {}] -> [m, {}]", self.in_features, self.out_features),
-                &[x.rows, x.cols, y.rows, y.cols],
-            ));
-        }
+        check_io(x, y, self.in_features, self.out_features)?;
         if path == MatmulPath::Gemv && x.rows > GEMV_MAX_ROWS {
             return Err(Error::Unsupported(format!(
                 "the GEMV path takes at most {GEMV_MAX_ROWS} rows, got {}",
