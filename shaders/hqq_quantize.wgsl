@@ -12,6 +12,7 @@
 //   pack          one invocation per u32 word of the packed output
 //   finalize      one invocation per group: scale and zero rounded to the compute dtype
 // The early stop stays on the GPU: once `state.stopped` is set, `iterate` does nothing.
+#include "common/elementwise.wgsl"
 #include "common/rounding.wgsl"
 
 struct QuantParams {
@@ -280,7 +281,7 @@ fn stored_element(p: u32) -> u32 {
 
 @compute @workgroup_size(256)
 fn pack(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let word = gid.x + gid.y * nwg.x * 256u;
+    let word = element_index(gid, nwg);
     if (word >= qp.words) {
         return;
     }
@@ -300,7 +301,7 @@ fn pack(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 
 @compute @workgroup_size(256)
 fn finalize(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let g = gid.x + gid.y * nwg.x * 256u;
+    let g = element_index(gid, nwg);
     if (g >= qp.groups) {
         return;
     }

@@ -2,6 +2,7 @@
 //   shrink: h[m, r] = sum_k x[m, k] * A[r, k]                     (one invocation per h element)
 //   expand: y[m, n] = y + (g - 1) * (y - bias) + g * s * sum_r h[m, r] * B[n, r]
 // with g = 1 for LoRA and g = magnitude / ||W + s B A||_row for DoRA (precomputed per n).
+#include "common/elementwise.wgsl"
 
 struct LoraParams {
     m: u32,
@@ -23,13 +24,9 @@ struct LoraParams {
 @group(0) @binding(6) var<storage, read> bias: array<f32>;
 @group(0) @binding(7) var<storage, read_write> y: array<Act>;
 
-fn flat_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return gid.x + gid.y * nwg.x * 256u;
-}
-
 @compute @workgroup_size(256)
 fn shrink(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let idx = flat_index(gid, nwg);
+    let idx = element_index(gid, nwg);
     if (idx >= p.m * p.r) {
         return;
     }
@@ -44,7 +41,7 @@ fn shrink(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
 
 @compute @workgroup_size(256)
 fn expand(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let idx = flat_index(gid, nwg);
+    let idx = element_index(gid, nwg);
     if (idx >= p.m * p.n) {
         return;
     }
@@ -62,7 +59,7 @@ fn expand(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
         if (p.has_bias == 1u) {
             bias_value = bias[col];
         }
-        out = base + (g - 1.0) * (base - bias_value) + g * p.scaling * acc;
+        out = dora_output(base, bias_value, g, p.scaling, acc);
     }
     y[idx] = Act(out);
 }

@@ -1,6 +1,7 @@
 // Merging an adapter into a dequantized weight W [N, K] (f32), one invocation per element:
 //   oft:  W'[n, i*b + c] = sum_j W[n, i*b + j] * R_i[c, j]       (W · blockdiag(R)ᵀ)
 //   lora: W'[n, k] = g[n] * (W[n, k] + s * sum_r B[n, r] * A[r, k])  (g = 1 unless DoRA)
+#include "common/elementwise.wgsl"
 
 struct MergeParams {
     n: u32,
@@ -21,14 +22,10 @@ struct MergeParams {
 @group(0) @binding(4) var<storage, read> dora_scale: array<f32>;
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;
 
-fn flat_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return gid.x + gid.y * nwg.x * 256u;
-}
-
 // `first` holds the rotation blocks.
 @compute @workgroup_size(256)
 fn oft(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let idx = flat_index(gid, nwg);
+    let idx = element_index(gid, nwg);
     if (idx >= p.n * p.k) {
         return;
     }
@@ -48,7 +45,7 @@ fn oft(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) n
 // `first` holds A [rank, K], `second` B [N, rank].
 @compute @workgroup_size(256)
 fn lora(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let idx = flat_index(gid, nwg);
+    let idx = element_index(gid, nwg);
     if (idx >= p.n * p.k) {
         return;
     }

@@ -5,6 +5,7 @@
 //   LoRA slot: [kind = 2, A offset, B offset, rank, scaling (f32 bits), DoRA scale offset or
 //               NO_DORA, 0, 0]
 // A row whose slot is NONE, or of the other kind, passes through unchanged.
+#include "common/elementwise.wgsl"
 
 const NONE: u32 = 0xffffffffu;
 const NO_DORA: u32 = 0xffffffffu;
@@ -32,10 +33,6 @@ struct MixedParams {
 @group(0) @binding(6) var<storage, read> bias: array<f32>;
 @group(0) @binding(7) var<storage, read_write> y: array<Act>;
 
-fn flat_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return gid.x + gid.y * nwg.x * 256u;
-}
-
 fn slot_word(slot: u32, i: u32) -> u32 {
     return table[slot * TABLE_STRIDE + i];
 }
@@ -51,7 +48,7 @@ fn slot_kind(row: u32) -> vec2<u32> {
 // x_rot[row] = x[row] · blockdiag(R) of the row's OFT slot; other rows are copied.
 @compute @workgroup_size(256)
 fn rotate(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let idx = flat_index(gid, nwg);
+    let idx = element_index(gid, nwg);
     if (idx >= p.m * p.k) {
         return;
     }
@@ -79,7 +76,7 @@ fn rotate(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
 // h[row, j] = x[row] · A[j] of the row's LoRA slot (zero past its rank or without one).
 @compute @workgroup_size(256)
 fn shrink(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let idx = flat_index(gid, nwg);
+    let idx = element_index(gid, nwg);
     if (idx >= p.m * p.max_rank) {
         return;
     }
@@ -99,7 +96,7 @@ fn shrink(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
 // y[row, n] += s · h[row] · B[n] (with DoRA's rescale) for rows with a LoRA slot.
 @compute @workgroup_size(256)
 fn expand(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let idx = flat_index(gid, nwg);
+    let idx = element_index(gid, nwg);
     if (idx >= p.m * p.n) {
         return;
     }
@@ -125,7 +122,7 @@ fn expand(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
         if (p.has_bias == 1u) {
             bias_value = bias[col];
         }
-        out = base + (g - 1.0) * (base - bias_value) + g * scaling * acc;
+        out = dora_output(base, bias_value, g, scaling, acc);
     }
     y[idx] = Act(out);
 }

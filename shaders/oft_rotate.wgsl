@@ -3,6 +3,7 @@
 // `blocks` holds the distinct b x b blocks row-major; with block sharing there is one.
 // One invocation per output element; the result is rounded to the activation dtype, as PEFT
 // casts the rotated input back before the base matmul.
+#include "common/elementwise.wgsl"
 
 struct OftParams {
     m: u32,
@@ -19,7 +20,7 @@ struct OftParams {
 
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let idx = gid.x + gid.y * nwg.x * 256u;
+    let idx = element_index(gid, nwg);
     if (idx >= p.m * p.k) {
         return;
     }

@@ -12,6 +12,10 @@ const FILES: &[(&str, &str)] = &[
         include_str!("../../shaders/common/matmul_params.wgsl"),
     ),
     (
+        "common/elementwise.wgsl",
+        include_str!("../../shaders/common/elementwise.wgsl"),
+    ),
+    (
         "common/quant_format.wgsl",
         include_str!("../../shaders/common/quant_format.wgsl"),
     ),
