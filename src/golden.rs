@@ -111,6 +111,21 @@ impl Case<'_> {
         Matrix::new(rows, cols, t.to_f32()?)
     }
 
+    /// The base layer's checkpoint directory and module name.
+    fn checkpoint(&self) -> Result<(PathBuf, &str)> {
+        let dir = self.spec["checkpoint_dir"].as_str().unwrap_or("checkpoint");
+        let module = self.spec["module"]
+            .as_str()
+            .ok_or_else(|| Error::config("manifest: `module` missing"))?;
+        Ok((self.dir.join(dir), module))
+    }
+
+    /// The directory of the case's PEFT adapter(s).
+    fn adapter_dir(&self) -> PathBuf {
+        self.dir
+            .join(self.spec["adapter_dir"].as_str().unwrap_or("adapter"))
+    }
+
     fn meta_usize(&self, block: &str, key: &str) -> Result<usize> {
         self.spec[block][key]
             .as_u64()
@@ -276,11 +291,8 @@ fn hqq_quant(case: &Case, gpu: Option<&GpuContext>) -> Result<()> {
 
 /// An fp16 HQQ layer loaded from its checkpoint directory, run on fp16 activations.
 fn hqq_f16(case: &Case, gpu: Option<&GpuContext>) -> Result<()> {
-    let checkpoint = case.spec["checkpoint_dir"].as_str().unwrap_or("checkpoint");
-    let module = case.spec["module"]
-        .as_str()
-        .ok_or_else(|| Error::config("manifest: `module` missing"))?;
-    let layer = HqqWeight::load(&case.dir.join(checkpoint), module)?;
+    let (checkpoint, module) = case.checkpoint()?;
+    let layer = HqqWeight::load(&checkpoint, module)?;
     if layer.packed != case.tensors.get("base.W_q")?.bytes {
         return Err(Error::config("checkpoint W_q differs from base.W_q"));
     }
@@ -313,11 +325,8 @@ fn hqq_f16(case: &Case, gpu: Option<&GpuContext>) -> Result<()> {
 
 /// The HQQ base layer of an adapter case, from its checkpoint directory.
 fn hqq_base(case: &Case) -> Result<HqqWeight> {
-    let checkpoint = case.spec["checkpoint_dir"].as_str().unwrap_or("checkpoint");
-    let module = case.spec["module"]
-        .as_str()
-        .ok_or_else(|| Error::config("manifest: `module` missing"))?;
-    let base = HqqWeight::load(&case.dir.join(checkpoint), module)?;
+    let (checkpoint, module) = case.checkpoint()?;
+    let base = HqqWeight::load(&checkpoint, module)?;
     exact(
         "base.W_deq",
         &base.dequantize().data,
@@ -337,12 +346,7 @@ fn tolerance(gpu: Option<&GpuContext>) -> f64 {
 /// The GPTQ or EETQ base of a forward-only case, from its checkpoint directory, checked against
 /// the codes and dequantized weight the case records.
 fn forward_only_base(case: &Case) -> Result<QuantWeight> {
-    let checkpoint = case
-        .dir
-        .join(case.spec["checkpoint_dir"].as_str().unwrap_or("checkpoint"));
-    let module = case.spec["module"]
-        .as_str()
-        .ok_or_else(|| Error::config("manifest: `module` missing"))?;
+    let (checkpoint, module) = case.checkpoint()?;
     let base = if case.spec["kind"] == "oft_gptq" {
         let w = GptqWeight::load(&checkpoint, module)?;
         if w.codes() != case.tensors.get("base.codes")?.to_u8()? {
@@ -370,9 +374,7 @@ fn forward_only_base(case: &Case) -> Result<QuantWeight> {
 /// PEFT's OFT forward on a quantized base: `y = base(x · R)`, and the base alone when disabled.
 /// On the GPU the base's dequantization is checked bit-exact too.
 fn oft_forward(case: &Case, base: QuantWeight, gpu: Option<&GpuContext>) -> Result<()> {
-    let adapter_dir = case
-        .dir
-        .join(case.spec["adapter_dir"].as_str().unwrap_or("adapter"));
+    let adapter_dir = case.adapter_dir();
     let dir = PeftAdapterDir::open(&adapter_dir)?;
     let oft = OftAdapter::from_peft_dir("default", &dir, None, base.in_features())?;
     within(
@@ -438,9 +440,7 @@ fn oft_forward(case: &Case, base: QuantWeight, gpu: Option<&GpuContext>) -> Resu
 /// PEFT's LoRA / rsLoRA / DoRA forward on an HQQ base, each of the two adapters alone.
 fn lora_hqq_forward(case: &Case, gpu: Option<&GpuContext>) -> Result<()> {
     let base = hqq_base(case)?;
-    let adapter_dir = case
-        .dir
-        .join(case.spec["adapter_dir"].as_str().unwrap_or("adapter"));
+    let adapter_dir = case.adapter_dir();
     let x = case.matrix("x")?;
     let weight = base.dequantize();
     let gpu_base = gpu
@@ -500,9 +500,7 @@ fn case_layer(case: &Case, gpu: Option<&GpuContext>) -> Result<QuantLinear> {
         LayerBackend::Gpu(Box::new(ctx.clone()))
     });
     let mut layer = QuantLinear::new(QuantWeight::Hqq(base), backend)?;
-    let adapter_dir = case
-        .dir
-        .join(case.spec["adapter_dir"].as_str().unwrap_or("adapter"));
+    let adapter_dir = case.adapter_dir();
     if case.spec["kind"] == "lora_hqq" {
         for name in ["a", "b"] {
             layer.add_adapter(Adapter::from_peft_dir(
