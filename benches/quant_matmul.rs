@@ -9,17 +9,8 @@ use quantadapt::kernels::MatmulPath;
 use quantadapt::kernels::hqq_quantize::quantize_on_gpu;
 use quantadapt::kernels::quant::GpuQuantWeight;
 use quantadapt::tensor::Matrix;
-use rand::Rng;
 
 const REPEATS: usize = 9;
-
-fn random(rows: usize, cols: usize, scale: f32) -> Matrix {
-    let mut rng = rand::rng();
-    let data = (0..rows * cols)
-        .map(|_| rng.random_range(-scale..scale))
-        .collect();
-    Matrix::new(rows, cols, data).expect("shape")
-}
 
 fn main() -> quantadapt::Result<()> {
     let ctx = GpuContext::new()?;
@@ -28,14 +19,14 @@ fn main() -> quantadapt::Result<()> {
     for nbits in [4, 8] {
         let mut config = HqqConfig::new(nbits, 64, 1);
         config.optimize = false;
-        let layer = HqqWeight::quantize(&random(out, inp, 0.05), None, &config)?;
+        let layer = HqqWeight::quantize(&Matrix::random(out, inp, 0.05), None, &config)?;
         let gpu_layer = GpuQuantWeight::from_hqq(&ctx, &layer)?;
         for (m, path) in [
             (1, MatmulPath::Gemv),
             (16, MatmulPath::Tiled),
             (64, MatmulPath::Tiled),
         ] {
-            let x = GpuTensor::upload(&ctx, &random(m, inp, 1.0), ActDtype::F32)?;
+            let x = GpuTensor::upload(&ctx, &Matrix::random(m, inp, 1.0), ActDtype::F32)?;
             let y = GpuTensor::poisoned(&ctx, m, out, ActDtype::F32)?;
             let dispatch = gpu_layer.prepare(&ctx, &x, &y, path)?;
             time_pass(&ctx, 2, |pass| dispatch.record(pass))?;
@@ -56,7 +47,7 @@ fn main() -> quantadapt::Result<()> {
 /// upload to the resident packed layer, median of 5.
 fn requantize(ctx: &GpuContext) -> quantadapt::Result<()> {
     let (out, inp) = (1024, 1024);
-    let weight = random(out, inp, 0.05);
+    let weight = Matrix::random(out, inp, 0.05);
     let config = HqqConfig::new(4, 64, 1);
     let mut times = Vec::new();
     for _ in 0..5 {

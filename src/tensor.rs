@@ -30,6 +30,16 @@ impl Matrix {
         }
     }
 
+    /// Fresh uniform random values in `[-scale, scale)` (for demos, benchmarks and tests).
+    pub fn random(rows: usize, cols: usize, scale: f32) -> Self {
+        use rand::Rng;
+        let mut rng = rand::rng();
+        let data = (0..rows * cols)
+            .map(|_| rng.random_range(-scale..scale))
+            .collect();
+        Self { rows, cols, data }
+    }
+
     pub fn identity(n: usize) -> Self {
         let mut m = Self::zeros(n, n);
         for i in 0..n {

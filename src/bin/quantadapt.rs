@@ -23,7 +23,6 @@ use quantadapt::kernels::quant::GpuQuantWeight;
 use quantadapt::layer::{Backend as LayerBackend, QuantLinear};
 use quantadapt::tensor::{Matrix, max_rel_error};
 use quantadapt::{Error, Result};
-use rand::Rng;
 
 #[derive(Parser)]
 #[command(
@@ -125,14 +124,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn random_matrix(rows: usize, cols: usize, scale: f32) -> Matrix {
-    let mut rng = rand::rng();
-    let data = (0..rows * cols)
-        .map(|_| rng.random_range(-scale..scale))
-        .collect();
-    Matrix { rows, cols, data }
-}
-
 /// The synthetic layer of the demo: a 4-bit HQQ base, an OFT adapter (b = 32, exact Cayley) on
 /// its input and a LoRA adapter (r = 16) on its output.
 struct DemoLayer {
@@ -144,12 +135,12 @@ struct DemoLayer {
 impl DemoLayer {
     fn new(out: usize, inp: usize) -> Result<Self> {
         let base = HqqWeight::quantize(
-            &random_matrix(out, inp, 0.05),
-            Some(random_matrix(1, out, 0.1).data),
+            &Matrix::random(out, inp, 0.05),
+            Some(Matrix::random(1, out, 0.1).data),
             &HqqConfig::new(4, 64, 1),
         )?;
         let b = 32;
-        let oft_params = random_matrix(inp / b, b * (b - 1) / 2, 0.01);
+        let oft_params = Matrix::random(inp / b, b * (b - 1) / 2, 0.01);
         let oft = OftAdapter::from_params(
             "oft",
             inp,
@@ -163,8 +154,8 @@ impl DemoLayer {
             "lora",
             inp,
             out,
-            random_matrix(r, inp, 0.05),
-            random_matrix(out, r, 0.05),
+            Matrix::random(r, inp, 0.05),
+            Matrix::random(out, r, 0.05),
             2.0,
             None,
         )?;
@@ -197,7 +188,7 @@ fn demo() -> Result<ExitCode> {
         Err(e) => {
             println!("  note: {e}; running the CPU reference only");
             let t = Instant::now();
-            layer.forward_cpu(&random_matrix(1, inp, 1.0))?;
+            layer.forward_cpu(&Matrix::random(1, inp, 1.0))?;
             println!(
                 "  CPU forward M=1: {:.3} ms",
                 t.elapsed().as_secs_f64() * 1e3
@@ -224,7 +215,7 @@ fn demo() -> Result<ExitCode> {
     )?;
     let mut worst = 0f64;
     for m in [1, 8, 64] {
-        let x = random_matrix(m, inp, 1.0);
+        let x = Matrix::random(m, inp, 1.0);
         let t = Instant::now();
         let reference = layer.forward_cpu(&x)?;
         let cpu_ms = t.elapsed().as_secs_f64() * 1e3;

@@ -6,7 +6,6 @@ use std::sync::OnceLock;
 
 use quantadapt::gpu::GpuContext;
 use quantadapt::tensor::Matrix;
-use rand::Rng;
 
 /// The GPU every GPU test runs on. A missing adapter fails the test: it is never skipped.
 pub fn gpu() -> &'static GpuContext {
@@ -23,12 +22,9 @@ pub fn golden_dir() -> PathBuf {
 
 /// A matrix of fresh random values in [-scale, scale), never all zeros.
 pub fn random_matrix(rows: usize, cols: usize, scale: f32) -> Matrix {
-    let mut rng = rand::rng();
-    let data: Vec<f32> = (0..rows * cols)
-        .map(|_| rng.random_range(-scale..scale))
-        .collect();
-    assert!(data.iter().any(|v| *v != 0.0));
-    Matrix::new(rows, cols, data).unwrap()
+    let m = Matrix::random(rows, cols, scale);
+    assert!(m.data.iter().any(|v| *v != 0.0));
+    m
 }
 
 /// One golden `hqq_quant` case: HQQ's own packing, dequantization and solver outputs.
