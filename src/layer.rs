@@ -218,10 +218,15 @@ impl QuantLinear {
             }
         }
         let mut y = self.base.forward_cpu(&rotated)?;
+        // Only DoRA reads the dequantized base; plain LoRA gets an empty stand-in.
         let mut dora_weight = None;
+        let no_weight = Matrix::zeros(0, 0);
         for a in adapters {
             if let Adapter::Lora(lora) = a {
-                let weight = dora_weight.get_or_insert_with(|| self.original_base().dequantize());
+                let weight = match lora.is_dora() {
+                    true => &*dora_weight.get_or_insert_with(|| self.original_base().dequantize()),
+                    false => &no_weight,
+                };
                 lora.apply_cpu(x, &mut y, self.base.bias(), weight)?;
             }
         }

@@ -162,11 +162,13 @@ impl DemoLayer {
         Ok(Self { base, oft, lora })
     }
 
-    fn forward_cpu(&self, x: &Matrix) -> Result<Matrix> {
-        let mut y = self.base.forward_cpu(&self.oft.rotate_cpu(x)?)?;
-        let weight = self.base.dequantize();
-        self.lora.apply_cpu(x, &mut y, self.base.bias(), &weight)?;
-        Ok(y)
+    /// The CPU reference: the same layer as a [`QuantLinear`] on the CPU backend.
+    fn cpu_reference(&self) -> Result<QuantLinear> {
+        let mut layer = QuantLinear::new(QuantWeight::Hqq(self.base.clone()), LayerBackend::Cpu)?;
+        layer.add_adapter(Adapter::Oft(self.oft.clone()))?;
+        layer.add_adapter(Adapter::Lora(self.lora.clone()))?;
+        layer.set_active(&["oft", "lora"])?;
+        Ok(layer)
     }
 }
 
@@ -183,12 +185,13 @@ fn demo() -> Result<ExitCode> {
         layer.base.packed_bytes(),
         out * inp * 2
     );
+    let cpu_layer = layer.cpu_reference()?;
     let ctx = match GpuContext::new() {
         Ok(ctx) => ctx,
         Err(e) => {
             println!("  note: {e}; running the CPU reference only");
             let t = Instant::now();
-            layer.forward_cpu(&Matrix::random(1, inp, 1.0))?;
+            cpu_layer.forward(&Matrix::random(1, inp, 1.0))?;
             println!(
                 "  CPU forward M=1: {:.3} ms",
                 t.elapsed().as_secs_f64() * 1e3
@@ -217,7 +220,7 @@ fn demo() -> Result<ExitCode> {
     for m in [1, 8, 64] {
         let x = Matrix::random(m, inp, 1.0);
         let t = Instant::now();
-        let reference = layer.forward_cpu(&x)?;
+        let reference = cpu_layer.forward(&x)?;
         let cpu_ms = t.elapsed().as_secs_f64() * 1e3;
         let path = MatmulPath::for_rows(m);
         let xg = GpuTensor::upload(&ctx, &x, ActDtype::F32)?;
