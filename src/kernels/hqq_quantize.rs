@@ -206,28 +206,32 @@ fn run(
     let state = storage_from_bytes(ctx, "hqq solver state", bytemuck::bytes_of(&state))?;
 
     let per_group = grid(groups as u32);
-    let init = {
-        let p = ctx.pipeline(&key("init", ComputeDtype::F32))?;
-        let b = bind(
-            ctx,
-            &p,
-            &[
-                (0, &params),
-                (1, &w),
-                (2, &inv_scale),
-                (3, &scale),
-                (4, &zero),
-            ],
-        );
-        Dispatch::new(p, b, per_group)
+    let stage = |entry: &'static str,
+                 compute: ComputeDtype,
+                 entries: &[(u32, &wgpu::Buffer)]|
+     -> Result<(wgpu::ComputePipeline, wgpu::BindGroup)> {
+        let pipeline = ctx.pipeline(&key(entry, compute))?;
+        let group = bind(ctx, &pipeline, entries);
+        Ok((pipeline, group))
     };
-    let mut dispatches = vec![init];
-    if config.optimize && config.solver.iters > 0 {
+    let f32 = ComputeDtype::F32;
+    let (p, b) = stage(
+        "init",
+        f32,
+        &[
+            (0, &params),
+            (1, &w),
+            (2, &inv_scale),
+            (3, &scale),
+            (4, &zero),
+        ],
+    )?;
+    let init = Dispatch::new(p, b, per_group);
+    let solver = if config.optimize && config.solver.iters > 0 {
         let group_error = poisoned_f32(ctx, "hqq group error", groups)?;
-        let p = ctx.pipeline(&key("iterate", ComputeDtype::F32))?;
-        let b = bind(
-            ctx,
-            &p,
+        let (p, b) = stage(
+            "iterate",
+            f32,
             &[
                 (0, &params),
                 (1, &w),
@@ -236,48 +240,49 @@ fn run(
                 (5, &group_error),
                 (6, &state),
             ],
-        );
+        )?;
         let iterate = Dispatch::new(p, b, per_group);
-        let p = ctx.pipeline(&key("reduce_error", ComputeDtype::F32))?;
-        let b = bind(ctx, &p, &[(0, &params), (5, &group_error), (6, &state)]);
-        let reduce = Dispatch::new(p, b, (1, 1));
-        dispatches.push(iterate);
-        dispatches.push(reduce);
-    }
-    let pack = {
-        let p = ctx.pipeline(&key("pack", ComputeDtype::F32))?;
-        let b = bind(
-            ctx,
-            &p,
-            &[
-                (0, &params),
-                (1, &w),
-                (2, &inv_scale),
-                (4, &zero),
-                (7, &packed),
-            ],
-        );
-        Dispatch::elementwise(p, b, plan.params.words as usize, ELEMENTWISE_WG)
+        let (p, b) = stage(
+            "reduce_error",
+            f32,
+            &[(0, &params), (5, &group_error), (6, &state)],
+        )?;
+        Some((iterate, Dispatch::new(p, b, (1, 1))))
+    } else {
+        None
     };
-    let finalize = if config.compute_dtype != ComputeDtype::F32 {
-        let p = ctx.pipeline(&key("finalize", config.compute_dtype))?;
-        let b = bind(ctx, &p, &[(0, &params), (3, &scale), (4, &zero)]);
+    let (p, b) = stage(
+        "pack",
+        f32,
+        &[
+            (0, &params),
+            (1, &w),
+            (2, &inv_scale),
+            (4, &zero),
+            (7, &packed),
+        ],
+    )?;
+    let pack = Dispatch::elementwise(p, b, plan.params.words as usize, ELEMENTWISE_WG);
+    let finalize = if config.compute_dtype != f32 {
+        let (p, b) = stage(
+            "finalize",
+            config.compute_dtype,
+            &[(0, &params), (3, &scale), (4, &zero)],
+        )?;
         Some(Dispatch::elementwise(p, b, groups, ELEMENTWISE_WG))
     } else {
         None
     };
 
-    let mut order: Vec<&Dispatch> = vec![&dispatches[0]];
-    if dispatches.len() == 3 {
+    let mut order: Vec<&Dispatch> = vec![&init];
+    if let Some((iterate, reduce)) = &solver {
         for _ in 0..config.solver.iters {
-            order.push(&dispatches[1]);
-            order.push(&dispatches[2]);
+            order.push(iterate);
+            order.push(reduce);
         }
     }
     order.push(&pack);
-    if let Some(f) = &finalize {
-        order.push(f);
-    }
+    order.extend(&finalize);
     Dispatch::run_all(ctx, &order)?;
     Ok(Quantized {
         plan,
