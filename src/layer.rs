@@ -238,10 +238,33 @@ impl QuantLinear {
         self.forward_gpu_with(x, &self.unmerged_active())
     }
 
+    fn gpu_state(&self) -> Result<&GpuState> {
+        self.gpu.as_ref().ok_or_else(|| {
+            Error::Unsupported("a GPU forward on a layer built for the CPU backend".into())
+        })
+    }
+
     fn forward_gpu_with(&self, x: &GpuTensor, adapters: &[&Adapter]) -> Result<GpuTensor> {
-        let gpu = self.gpu.as_ref().ok_or_else(|| {
-            Error::Unsupported("forward_gpu on a layer built for the CPU backend".into())
-        })?;
+        let gpu = self.gpu_state()?;
+        let y = GpuTensor::poisoned(&gpu.ctx, x.rows, self.base.out_features(), x.dtype)?;
+        let steps = self.prepare_with(gpu, x, &y, adapters)?;
+        Dispatch::run_all(&gpu.ctx, &steps.iter().collect::<Vec<_>>())?;
+        Ok(y)
+    }
+
+    /// The launches of one forward of `x` into `y` with the active adapters, ready to record into
+    /// any compute pass (and to time).
+    pub fn prepare_forward(&self, x: &GpuTensor, y: &GpuTensor) -> Result<Vec<Dispatch>> {
+        self.prepare_with(self.gpu_state()?, x, y, &self.unmerged_active())
+    }
+
+    fn prepare_with(
+        &self,
+        gpu: &GpuState,
+        x: &GpuTensor,
+        y: &GpuTensor,
+        adapters: &[&Adapter],
+    ) -> Result<Vec<Dispatch>> {
         let ctx = &gpu.ctx;
         let mut steps = Vec::new();
         let mut rotated = x.clone();
@@ -252,20 +275,18 @@ impl QuantLinear {
                 rotated = next;
             }
         }
-        let y = GpuTensor::poisoned(ctx, x.rows, self.base.out_features(), x.dtype)?;
         steps.push(gpu.base.prepare(
             ctx,
             &rotated,
-            &y,
+            y,
             crate::kernels::MatmulPath::for_rows(x.rows),
         )?);
         for a in adapters {
             if let Some(GpuAdapter::Lora(lora)) = gpu.adapters.get(a.name()) {
-                steps.extend(lora.prepare(ctx, x, &y, Some(gpu.base.bias_buffer()))?);
+                steps.extend(lora.prepare(ctx, x, y, Some(gpu.base.bias_buffer()))?);
             }
         }
-        Dispatch::run_all(ctx, &steps.iter().collect::<Vec<_>>())?;
-        Ok(y)
+        Ok(steps)
     }
 
     /// One adapter name per row of `x` (`__base__` = the base alone; names this layer does not
@@ -296,19 +317,41 @@ impl QuantLinear {
             }
             Some(gpu) => {
                 let xg = GpuTensor::upload(&gpu.ctx, x, ActDtype::F32)?;
-                self.forward_mixed_gpu(gpu, &xg, names)?.download(&gpu.ctx)
+                self.forward_mixed_gpu(&xg, names)?.download(&gpu.ctx)
             }
         }
     }
 
-    /// One launch per kernel for the whole batch: rotate (per-row OFT), the base matmul, shrink
-    /// and expand (per-row LoRA / DoRA).
-    fn forward_mixed_gpu(
+    /// [`Self::forward_mixed`] on GPU tensors.
+    pub fn forward_mixed_gpu(&self, x: &GpuTensor, names: &[&str]) -> Result<GpuTensor> {
+        let gpu = self.gpu_state()?;
+        let y = GpuTensor::poisoned(&gpu.ctx, x.rows, self.base.out_features(), x.dtype)?;
+        let steps = self.prepare_forward_mixed(x, names, &y)?;
+        Dispatch::run_all(&gpu.ctx, &steps.iter().collect::<Vec<_>>())?;
+        Ok(y)
+    }
+
+    /// The launches of a mixed batch, one per kernel for the whole batch: rotate (per-row OFT),
+    /// the base matmul, shrink and expand (per-row LoRA / DoRA).
+    pub fn prepare_forward_mixed(
         &self,
-        gpu: &GpuState,
         x: &GpuTensor,
         names: &[&str],
-    ) -> Result<GpuTensor> {
+        y: &GpuTensor,
+    ) -> Result<Vec<Dispatch>> {
+        if names.len() != x.rows {
+            return Err(Error::shape(
+                "adapter names",
+                format!("{} names, one per row", x.rows),
+                &[names.len()],
+            ));
+        }
+        if !self.merged.is_empty() {
+            return Err(Error::Unsupported(
+                "mixed batches while adapters are merged: unmerge first".into(),
+            ));
+        }
+        let gpu = self.gpu_state()?;
         let ctx = &gpu.ctx;
         let mixed = self.mixed_adapters(gpu)?;
         let slots: Vec<u32> = names
@@ -322,18 +365,16 @@ impl QuantLinear {
             .collect();
         let row_slots = mixed.row_slots(ctx, &slots)?;
         let rotated = GpuTensor::poisoned(ctx, x.rows, x.cols, x.dtype)?;
-        let y = GpuTensor::poisoned(ctx, x.rows, self.base.out_features(), x.dtype)?;
         let rotate = mixed.prepare_rotate(ctx, &row_slots, x, &rotated)?;
         let matmul = gpu.base.prepare(
             ctx,
             &rotated,
-            &y,
+            y,
             crate::kernels::MatmulPath::for_rows(x.rows),
         )?;
         let [shrink, expand] =
-            mixed.prepare_lora(ctx, &row_slots, x, &y, Some(gpu.base.bias_buffer()))?;
-        Dispatch::run_all(ctx, &[&rotate, &matmul, &shrink, &expand])?;
-        Ok(y)
+            mixed.prepare_lora(ctx, &row_slots, x, y, Some(gpu.base.bias_buffer()))?;
+        Ok(vec![rotate, matmul, shrink, expand])
     }
 
     fn mixed_adapters(&self, gpu: &GpuState) -> Result<Arc<GpuMixedAdapters>> {
