@@ -1,6 +1,7 @@
 //! One module per shader family: GPU-resident weights, bind groups and dispatch.
 
 pub mod eetq;
+pub mod fused;
 pub mod gptq;
 pub mod hqq;
 pub mod hqq_quantize;

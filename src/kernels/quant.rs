@@ -7,10 +7,15 @@ use crate::formats::QuantWeight;
 use crate::gpu::buffers::{poisoned_f32, read_f32, storage_from_f32, uniform};
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
+use crate::kernels::fused::{Fused, extra_storage_bindings, with_fused_flags};
 use crate::kernels::{Dispatch, GEMV_MAX_ROWS, MatmulPath, bind, check_io, grid};
 use crate::tensor::Matrix;
 
 const GEMV_WORKGROUP: u32 = 64;
+/// Output features one GEMV workgroup owns.
+pub const GEMV_ROWS_PER_WORKGROUP: usize = 4;
+/// Columns of x the GEMV's OFT prologue rotates into workgroup memory at a time.
+const GEMV_OFT_CHUNK: u32 = 256;
 const GEMM_TILE: u32 = 16;
 const DEQUANT_WORKGROUP: u32 = 256;
 
@@ -41,14 +46,19 @@ impl FormatShader {
         key
     }
 
-    fn gemv_key(&self, act: ActDtype) -> ShaderKey {
-        self.key("quant_gemv", act)
+    fn gemv_key(&self, act: ActDtype, oft: bool, lora: bool) -> ShaderKey {
+        let key = self
+            .key("quant_gemv", act)
             .constant("WG", GEMV_WORKGROUP)
             .constant("MAX_M", GEMV_MAX_ROWS as u32)
+            .constant("ROWS", GEMV_ROWS_PER_WORKGROUP as u32)
+            .constant("CHUNK", GEMV_OFT_CHUNK);
+        with_fused_flags(key, oft, lora)
     }
 
-    fn gemm_key(&self, act: ActDtype) -> ShaderKey {
-        self.key("quant_gemm", act).constant("TILE", GEMM_TILE)
+    fn gemm_key(&self, act: ActDtype, lora: bool) -> ShaderKey {
+        let key = self.key("quant_gemm", act).constant("TILE", GEMM_TILE);
+        with_fused_flags(key, false, lora)
     }
 
     fn dequant_key(&self) -> ShaderKey {
@@ -59,8 +69,12 @@ impl FormatShader {
     pub fn keys(&self) -> Vec<ShaderKey> {
         let mut keys = vec![self.dequant_key()];
         for act in [ActDtype::F32, ActDtype::F16] {
-            keys.push(self.gemv_key(act));
-            keys.push(self.gemm_key(act));
+            for (oft, lora) in [(false, false), (true, false), (false, true), (true, true)] {
+                keys.push(self.gemv_key(act, oft, lora));
+                if !oft {
+                    keys.push(self.gemm_key(act, lora));
+                }
+            }
         }
         keys
     }
@@ -206,6 +220,40 @@ impl GpuQuantWeight {
         y: &GpuTensor,
         path: MatmulPath,
     ) -> Result<Dispatch> {
+        self.prepare_fused(ctx, x, y, path, &Fused::default())
+    }
+
+    /// Whether the kernels can fuse an OFT prologue of block size `oft_block` and a LoRA
+    /// epilogue (`lora`) into a matmul on `path` within this device's binding limit.
+    pub fn can_fuse(
+        &self,
+        ctx: &GpuContext,
+        path: MatmulPath,
+        oft_block: Option<usize>,
+        lora: bool,
+    ) -> bool {
+        let oft_fits = oft_block
+            .is_none_or(|b| path == MatmulPath::Gemv && self.in_features.is_multiple_of(b));
+        let format_storage = self
+            .format_bindings
+            .iter()
+            .filter(|(_, b)| b.usage().contains(wgpu::BufferUsages::STORAGE))
+            .count() as u32;
+        // x, bias and y, then the fused operations'.
+        let storage = format_storage + 3 + extra_storage_bindings(oft_block.is_some(), lora);
+        oft_fits && storage <= ctx.limits().max_storage_buffers_per_shader_stage
+    }
+
+    /// [`Self::prepare`] with adapter work fused into the launch: an OFT rotation of `x`
+    /// (GEMV only) and one LoRA / DoRA term added to `y`.
+    pub fn prepare_fused(
+        &self,
+        ctx: &GpuContext,
+        x: &GpuTensor,
+        y: &GpuTensor,
+        path: MatmulPath,
+        fused: &Fused,
+    ) -> Result<Dispatch> {
         check_io(x, y, self.in_features, self.out_features)?;
         if path == MatmulPath::Gemv && x.rows > GEMV_MAX_ROWS {
             return Err(Error::Unsupported(format!(
@@ -213,13 +261,24 @@ impl GpuQuantWeight {
                 x.rows
             )));
         }
+        let oft_block = fused.oft.map(|o| o.block_size);
+        if !fused.is_empty() && !self.can_fuse(ctx, path, oft_block, fused.lora.is_some()) {
+            return Err(Error::Unsupported(format!(
+                "fusing {} into a {}-row matmul of a {}x{} layer on this device",
+                fused.describe(),
+                x.rows,
+                self.out_features,
+                self.in_features
+            )));
+        }
         let (key, groups) = match path {
             MatmulPath::Gemv => (
-                self.shader.gemv_key(x.dtype),
-                grid(self.out_features as u32),
+                self.shader
+                    .gemv_key(x.dtype, fused.oft.is_some(), fused.lora.is_some()),
+                grid(self.out_features.div_ceil(GEMV_ROWS_PER_WORKGROUP) as u32),
             ),
             MatmulPath::Tiled => (
-                self.shader.gemm_key(x.dtype),
+                self.shader.gemm_key(x.dtype, fused.lora.is_some()),
                 (
                     (self.out_features as u32).div_ceil(GEMM_TILE),
                     (x.rows as u32).div_ceil(GEMM_TILE),
@@ -234,12 +293,12 @@ impl GpuQuantWeight {
         }
         let pipeline = ctx.pipeline(&key)?;
         let params = self.params(ctx, x.rows);
-        let bind = self.bind_group(
-            ctx,
-            &pipeline,
-            &params,
-            &[(6, &x.buffer), (7, &self.bias), (8, &y.buffer)],
-        );
+        let fused_params = fused.uniform(ctx);
+        let mut tail = vec![(6, &x.buffer), (7, &self.bias), (8, &y.buffer)];
+        if !fused.is_empty() {
+            tail.extend(fused.bindings(&fused_params));
+        }
+        let bind = self.bind_group(ctx, &pipeline, &params, &tail);
         Ok(Dispatch::new(pipeline, bind, groups))
     }
 }
