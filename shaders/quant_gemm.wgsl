@@ -43,8 +43,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
         }
         acc += bias_value;
 #ifdef LORA_EPILOGUE
-        acc = lora_epilogue(row, col, acc, bias_value);
+        acc = lora_epilogue(row, p.n_offset + col, acc, bias_value);
 #endif
-        y[row * p.n + col] = Act(acc);
+        y[row * p.y_cols + p.n_offset + col] = Act(acc);
     }
 }

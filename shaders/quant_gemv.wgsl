@@ -87,9 +87,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             }
             v += bias_value;
 #ifdef LORA_EPILOGUE
-            v = lora_epilogue(r, n, v, bias_value);
+            v = lora_epilogue(r, p.n_offset + n, v, bias_value);
 #endif
-            y[r * p.n + n] = Act(v);
+            y[r * p.y_cols + p.n_offset + n] = Act(v);
         }
     }
 }
