@@ -6,6 +6,7 @@
 //! EETQ's kernels build for besides sm70) use [`EetqLayout::Cutlass`], the default of
 //! [`EetqWeight::load`].
 
+use std::ops::Range;
 use std::path::Path;
 
 use safetensors::Dtype;
@@ -13,6 +14,9 @@ use safetensors::Dtype;
 use crate::error::{Error, Result, check_finite};
 use crate::formats::QuantFormat;
 use crate::formats::gptq::{read_json, tensor_prefix};
+use crate::formats::split::{
+    RowSplit, bias_buffer, check_range, slice_cols, slice_rows, storage_bytes,
+};
 use crate::io::{HostTensor, TensorFile};
 use crate::tensor::{Matrix, round_f16};
 
@@ -321,6 +325,33 @@ impl QuantFormat for EetqWeight {
 
     fn packed_bytes(&self) -> usize {
         self.codes.len() + 2 * self.scales.len()
+    }
+}
+
+/// Output `n` is column `n` of the `[in, out]` codes and entry `n` of the scales, so any row
+/// boundary is legal.
+impl RowSplit for EetqWeight {
+    fn row_split_granularity(&self) -> usize {
+        1
+    }
+
+    fn rows(&self, range: Range<usize>) -> Result<Self> {
+        check_range(&range, self.out_features, 1, String::new)?;
+        Ok(Self {
+            in_features: self.in_features,
+            out_features: range.len(),
+            codes: slice_cols(&self.codes, self.out_features, &range),
+            scales: slice_rows(&self.scales, 1, &range),
+            bias: self.bias.as_ref().map(|b| slice_rows(b, 1, &range)),
+        })
+    }
+
+    fn row_split_buffers(&self, rows: usize) -> Vec<(&'static str, usize)> {
+        vec![
+            ("eetq codes", storage_bytes(self.in_features * rows)),
+            ("eetq scales", storage_bytes(4 * rows)),
+            bias_buffer(self.bias.is_some(), rows),
+        ]
     }
 }
 

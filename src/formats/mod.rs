@@ -4,6 +4,7 @@
 pub mod eetq;
 pub mod gptq;
 pub mod hqq;
+pub mod split;
 
 use crate::error::Result;
 use crate::tensor::Matrix;
