@@ -10,6 +10,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use safetensors::Dtype;
+use serde_json::Value;
 
 use crate::error::{Error, Result, check_finite};
 use crate::formats::QuantFormat;
@@ -127,7 +128,8 @@ impl EetqWeight {
     /// Loads `module_prefix` (with or without its trailing dot) from `dir/model.safetensors`
     /// after checking `dir/config.json` says EETQ, assuming the sm75-sm89 layout.
     pub fn load(dir: &Path, module_prefix: &str) -> Result<Self> {
-        check_config(&dir.join("config.json"))?;
+        let config = dir.join("config.json");
+        check_config(&read_json(&config)?, &config.display().to_string())?;
         let file = TensorFile::open(dir.join("model.safetensors"))?;
         Self::from_tensors(&file, &tensor_prefix(module_prefix), EetqLayout::Cutlass)
     }
@@ -230,19 +232,15 @@ fn quantize_value(w: f32, step: f32) -> i8 {
     v.round().clamp(-128.0, 127.0) as i8
 }
 
-fn check_config(path: &Path) -> Result<()> {
-    let root = read_json(path)?;
-    let block = root.get("quantization_config").ok_or_else(|| {
-        Error::config(format!(
-            "{}: no `quantization_config` block",
-            path.display()
-        ))
-    })?;
+/// Fails unless a model's `config.json` (parsed; `label` names it) declares EETQ int8 weights.
+pub fn check_config(root: &Value, label: &str) -> Result<()> {
+    let block = root
+        .get("quantization_config")
+        .ok_or_else(|| Error::config(format!("{label}: no `quantization_config` block")))?;
     let method = block.get("quant_method");
     if method.and_then(|m| m.as_str()) != Some("eetq") {
         return Err(Error::config(format!(
-            "{}: quant_method {} is not \"eetq\"",
-            path.display(),
+            "{label}: quant_method {} is not \"eetq\"",
             method.map_or("(missing)".to_string(), |m| m.to_string())
         )));
     }
@@ -250,8 +248,7 @@ fn check_config(path: &Path) -> Result<()> {
         None => Ok(()),
         Some(w) if w == "int8" => Ok(()),
         Some(other) => Err(Error::Unsupported(format!(
-            "{}: EETQ weights {other} (only \"int8\" exists)",
-            path.display()
+            "{label}: EETQ weights {other} (only \"int8\" exists)"
         ))),
     }
 }
