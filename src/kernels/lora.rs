@@ -112,13 +112,13 @@ impl GpuLora {
                 has_bias: bias.is_some() as u32,
                 pad: 0,
             },
-        );
+        )?;
         let shrink = ctx.pipeline(&key("shrink", x.dtype))?;
         let shrink_bind = bind(
             ctx,
             &shrink,
             &[(0, &params), (1, &self.a), (3, &x.buffer), (4, &h)],
-        );
+        )?;
         let expand = ctx.pipeline(&key("expand", x.dtype))?;
         let unused = &self.b;
         let expand_bind = bind(
@@ -132,7 +132,7 @@ impl GpuLora {
                 (6, bias.unwrap_or(unused)),
                 (7, &y.buffer),
             ],
-        );
+        )?;
         Ok([
             Dispatch::elementwise(shrink, shrink_bind, m * self.rank, WORKGROUP),
             Dispatch::elementwise(expand, expand_bind, m * self.out_features, WORKGROUP),

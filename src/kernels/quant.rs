@@ -132,7 +132,7 @@ impl GpuQuantWeight {
         &self.bias
     }
 
-    fn params(&self, ctx: &GpuContext, m: usize) -> wgpu::Buffer {
+    fn params(&self, ctx: &GpuContext, m: usize) -> Result<wgpu::Buffer> {
         uniform(
             ctx,
             "matmul params",
@@ -151,7 +151,7 @@ impl GpuQuantWeight {
         pipeline: &wgpu::ComputePipeline,
         params: &wgpu::Buffer,
         tail: &[(u32, &wgpu::Buffer)],
-    ) -> wgpu::BindGroup {
+    ) -> Result<wgpu::BindGroup> {
         let mut entries: Vec<(u32, &wgpu::Buffer)> = vec![(0, params)];
         entries.extend(self.format_bindings.iter().map(|(i, b)| (*i, b)));
         entries.extend_from_slice(tail);
@@ -164,8 +164,8 @@ impl GpuQuantWeight {
         let numel = self.out_features * self.in_features;
         let out = poisoned_f32(ctx, "dequantized", numel)?;
         let pipeline = ctx.pipeline(&self.shader.dequant_key())?;
-        let params = self.params(ctx, 0);
-        let bind = self.bind_group(ctx, &pipeline, &params, &[(8, &out)]);
+        let params = self.params(ctx, 0)?;
+        let bind = self.bind_group(ctx, &pipeline, &params, &[(8, &out)])?;
         let dispatch = Dispatch::new(
             pipeline,
             bind,
@@ -233,13 +233,13 @@ impl GpuQuantWeight {
             )));
         }
         let pipeline = ctx.pipeline(&key)?;
-        let params = self.params(ctx, x.rows);
+        let params = self.params(ctx, x.rows)?;
         let bind = self.bind_group(
             ctx,
             &pipeline,
             &params,
             &[(6, &x.buffer), (7, &self.bias), (8, &y.buffer)],
-        );
+        )?;
         Ok(Dispatch::new(pipeline, bind, groups))
     }
 }
