@@ -47,6 +47,19 @@ pub enum Error {
     Gpu(String),
     #[error("GPU out of memory: {0}")]
     OutOfMemory(String),
+    #[error("GPU buffer `{buffer}` of {bytes} bytes: {reason}")]
+    Allocation {
+        buffer: String,
+        bytes: u64,
+        reason: String,
+    },
+    #[error("rows {start}..{end} of a {rows}-row weight: {reason}")]
+    RowSplit {
+        start: usize,
+        end: usize,
+        rows: usize,
+        reason: String,
+    },
     #[error("GPU device lost: {0}")]
     DeviceLost(String),
 }

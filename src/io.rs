@@ -7,6 +7,7 @@ use std::path::Path;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
+use crate::tensor::Matrix;
 
 /// One tensor copied out of a safetensors file.
 #[derive(Clone, Debug)]
@@ -24,7 +25,7 @@ pub struct TensorFile {
     pub tensors: BTreeMap<String, HostTensor>,
 }
 
-fn read_file(path: &Path) -> Result<Vec<u8>> {
+pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|source| Error::Io {
         path: path.display().to_string(),
         source,
@@ -59,6 +60,28 @@ impl TensorFile {
             label: label.to_string(),
             tensors,
         })
+    }
+
+    /// A layer's `[batch, in_features]` input: the tensor `x`, or else the file's only tensor;
+    /// a 1-D tensor is one row.
+    pub fn input_matrix(&self, in_features: usize) -> Result<Matrix> {
+        let x = match self.get("x") {
+            Ok(t) => t,
+            Err(e) if self.tensors.len() == 1 => self.tensors.values().next().ok_or(e)?,
+            Err(e) => return Err(e),
+        };
+        let rows = match x.shape[..] {
+            [rows, cols] if cols == in_features => rows,
+            [cols] if cols == in_features => 1,
+            _ => {
+                return Err(Error::shape(
+                    &x.name,
+                    format!("[batch, {in_features}]"),
+                    &x.shape,
+                ));
+            }
+        };
+        Matrix::new(rows, in_features, x.to_finite_f32()?)
     }
 
     pub fn get(&self, name: &str) -> Result<&HostTensor> {

@@ -109,6 +109,13 @@ impl QuantLinear {
         })
     }
 
+    /// False once the layer's GPU device is lost: every GPU call then fails with
+    /// [`Error::DeviceLost`] and the layer has to be built again on a new context. A CPU layer is
+    /// always usable.
+    pub fn is_usable(&self) -> bool {
+        self.gpu.as_ref().is_none_or(|g| !g.ctx.is_lost())
+    }
+
     pub fn base(&self) -> &QuantWeight {
         &self.base
     }

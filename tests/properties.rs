@@ -46,7 +46,7 @@ proptest! {
         let mask = p.mask() as u64;
         let codes: Vec<u8> = (0..rows * cols).map(|i| ((seed.wrapping_mul(6364136223846793005).wrapping_add((i as u64).wrapping_mul(1442695040888963407)) >> 33) & mask) as u8).collect();
         let packed = packing::pack(&p, &codes, rows, cols).unwrap();
-        let unpacked = packing::unpack(&p, &packed, p.packed_rows(rows).unwrap(), cols, rows * cols);
+        let unpacked = packing::unpack(&p, &packed, p.packed_rows(rows).unwrap(), cols, 0..rows * cols);
         prop_assert_eq!(unpacked, codes);
     }
 

@@ -46,16 +46,27 @@ impl Adapter {
         out_features: usize,
     ) -> Result<Self> {
         let peft = PeftAdapterDir::open(dir)?;
+        Self::from_peft(name, &peft, module, in_features, out_features)
+    }
+
+    /// [`Self::from_peft_dir`] on an adapter directory already read.
+    pub fn from_peft(
+        name: &str,
+        peft: &PeftAdapterDir,
+        module: Option<&str>,
+        in_features: usize,
+        out_features: usize,
+    ) -> Result<Self> {
         match peft.peft_type() {
             "OFT" => Ok(Adapter::Oft(OftAdapter::from_peft_dir(
                 name,
-                &peft,
+                peft,
                 module,
                 in_features,
             )?)),
             "LORA" => Ok(Adapter::Lora(LoraAdapter::from_peft_dir(
                 name,
-                &peft,
+                peft,
                 module,
                 in_features,
                 out_features,

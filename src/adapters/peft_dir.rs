@@ -33,20 +33,31 @@ impl PeftAdapterDir {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let path = dir.as_ref().to_path_buf();
         let config = read_config(&path)?;
+        let weights = read_weights(&path)?;
+        Self::from_bytes(path, &config, &weights)
+    }
+
+    /// The adapter from the bytes of its two files; `dir` names it in messages.
+    pub fn from_bytes(dir: PathBuf, config: &[u8], weights: &[u8]) -> Result<Self> {
+        let config_path = dir.join(CONFIG_FILE);
+        let config: Value = serde_json::from_slice(config).map_err(|e| {
+            Error::config(format!("{}: not valid JSON: {e}", config_path.display()))
+        })?;
         let peft_type = config
             .get("peft_type")
             .and_then(Value::as_str)
             .ok_or_else(|| {
                 Error::config(format!(
                     "{}: `peft_type` is missing or not a string",
-                    path.join(CONFIG_FILE).display()
+                    config_path.display()
                 ))
             })?
             .to_string();
-        let tensors = read_weights(&path)?;
+        let tensors =
+            TensorFile::from_bytes(weights, &dir.join(WEIGHTS_FILE).display().to_string())?;
         let modules = index_modules(&tensors)?;
         Ok(Self {
-            path,
+            path: dir,
             peft_type,
             config,
             tensors,
@@ -132,9 +143,9 @@ impl PeftAdapterDir {
     }
 }
 
-fn read_config(dir: &Path) -> Result<Value> {
+fn read_config(dir: &Path) -> Result<Vec<u8>> {
     let path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|source| {
+    std::fs::read(&path).map_err(|source| {
         let hint = (source.kind() == std::io::ErrorKind::NotFound)
             .then(|| named_adapter_hint(dir))
             .flatten();
@@ -145,9 +156,7 @@ fn read_config(dir: &Path) -> Result<Value> {
                 source,
             },
         }
-    })?;
-    serde_json::from_str(&text)
-        .map_err(|e| Error::config(format!("{}: not valid JSON: {e}", path.display())))
+    })
 }
 
 /// PEFT saves every adapter not named `default` in a sub-folder named after it.
@@ -166,7 +175,7 @@ fn named_adapter_hint(dir: &Path) -> Option<String> {
     })
 }
 
-fn read_weights(dir: &Path) -> Result<TensorFile> {
+fn read_weights(dir: &Path) -> Result<Vec<u8>> {
     let path = dir.join(WEIGHTS_FILE);
     if !path.is_file() && dir.join(PICKLE_FILE).is_file() {
         return Err(Error::Unsupported(format!(
@@ -175,7 +184,7 @@ fn read_weights(dir: &Path) -> Result<TensorFile> {
             dir.display()
         )));
     }
-    TensorFile::open(&path)
+    crate::io::read_file(&path)
 }
 
 fn index_modules(tensors: &TensorFile) -> Result<BTreeMap<String, BTreeMap<String, String>>> {

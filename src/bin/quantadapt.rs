@@ -372,30 +372,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         names.push(name);
     }
     layer.set_active(&names.iter().map(String::as_str).collect::<Vec<_>>())?;
-    let inputs = TensorFile::open(&args.input)?;
-    let x_tensor = match inputs.get("x") {
-        Ok(t) => t,
-        Err(e) if inputs.tensors.len() == 1 => inputs.tensors.values().next().ok_or(e)?,
-        Err(e) => return Err(e),
-    };
-    let x = match x_tensor.shape[..] {
-        [rows, cols] => Matrix::new(rows, cols, x_tensor.to_finite_f32()?)?,
-        [cols] => Matrix::new(1, cols, x_tensor.to_finite_f32()?)?,
-        _ => {
-            return Err(Error::Shape {
-                name: x_tensor.name.clone(),
-                expected: format!("[batch, {inp}]"),
-                found: x_tensor.shape.clone(),
-            });
-        }
-    };
-    if x.cols != inp {
-        return Err(Error::Shape {
-            name: x_tensor.name.clone(),
-            expected: format!("[batch, {inp}]"),
-            found: x_tensor.shape.clone(),
-        });
-    }
+    let x = TensorFile::open(&args.input)?.input_matrix(inp)?;
     let y = layer.forward(&x)?;
     match args.output {
         Some(path) => {

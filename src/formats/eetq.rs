@@ -6,13 +6,18 @@
 //! EETQ's kernels build for besides sm70) use [`EetqLayout::Cutlass`], the default of
 //! [`EetqWeight::load`].
 
+use std::ops::Range;
 use std::path::Path;
 
 use safetensors::Dtype;
+use serde_json::Value;
 
 use crate::error::{Error, Result, check_finite};
 use crate::formats::QuantFormat;
 use crate::formats::gptq::{read_json, tensor_prefix};
+use crate::formats::split::{
+    RowSplit, bias_buffer, check_range, slice_cols, slice_rows, storage_bytes,
+};
 use crate::io::{HostTensor, TensorFile};
 use crate::tensor::{Matrix, round_f16};
 
@@ -123,7 +128,8 @@ impl EetqWeight {
     /// Loads `module_prefix` (with or without its trailing dot) from `dir/model.safetensors`
     /// after checking `dir/config.json` says EETQ, assuming the sm75-sm89 layout.
     pub fn load(dir: &Path, module_prefix: &str) -> Result<Self> {
-        check_config(&dir.join("config.json"))?;
+        let config = dir.join("config.json");
+        check_config(&read_json(&config)?, &config.display().to_string())?;
         let file = TensorFile::open(dir.join("model.safetensors"))?;
         Self::from_tensors(&file, &tensor_prefix(module_prefix), EetqLayout::Cutlass)
     }
@@ -226,19 +232,15 @@ fn quantize_value(w: f32, step: f32) -> i8 {
     v.round().clamp(-128.0, 127.0) as i8
 }
 
-fn check_config(path: &Path) -> Result<()> {
-    let root = read_json(path)?;
-    let block = root.get("quantization_config").ok_or_else(|| {
-        Error::config(format!(
-            "{}: no `quantization_config` block",
-            path.display()
-        ))
-    })?;
+/// Fails unless a model's `config.json` (parsed; `label` names it) declares EETQ int8 weights.
+pub fn check_config(root: &Value, label: &str) -> Result<()> {
+    let block = root
+        .get("quantization_config")
+        .ok_or_else(|| Error::config(format!("{label}: no `quantization_config` block")))?;
     let method = block.get("quant_method");
     if method.and_then(|m| m.as_str()) != Some("eetq") {
         return Err(Error::config(format!(
-            "{}: quant_method {} is not \"eetq\"",
-            path.display(),
+            "{label}: quant_method {} is not \"eetq\"",
             method.map_or("(missing)".to_string(), |m| m.to_string())
         )));
     }
@@ -246,8 +248,7 @@ fn check_config(path: &Path) -> Result<()> {
         None => Ok(()),
         Some(w) if w == "int8" => Ok(()),
         Some(other) => Err(Error::Unsupported(format!(
-            "{}: EETQ weights {other} (only \"int8\" exists)",
-            path.display()
+            "{label}: EETQ weights {other} (only \"int8\" exists)"
         ))),
     }
 }
@@ -321,6 +322,33 @@ impl QuantFormat for EetqWeight {
 
     fn packed_bytes(&self) -> usize {
         self.codes.len() + 2 * self.scales.len()
+    }
+}
+
+/// Output `n` is column `n` of the `[in, out]` codes and entry `n` of the scales, so any row
+/// boundary is legal.
+impl RowSplit for EetqWeight {
+    fn row_split_granularity(&self) -> usize {
+        1
+    }
+
+    fn rows(&self, range: Range<usize>) -> Result<Self> {
+        check_range(&range, self.out_features, 1, String::new)?;
+        Ok(Self {
+            in_features: self.in_features,
+            out_features: range.len(),
+            codes: slice_cols(&self.codes, self.out_features, &range),
+            scales: slice_rows(&self.scales, 1, &range),
+            bias: self.bias.as_ref().map(|b| slice_rows(b, 1, &range)),
+        })
+    }
+
+    fn row_split_buffers(&self, rows: usize) -> Vec<(&'static str, usize)> {
+        vec![
+            ("eetq codes", storage_bytes(self.in_features * rows)),
+            ("eetq scales", storage_bytes(4 * rows)),
+            bias_buffer(self.bias.is_some(), rows),
+        ]
     }
 }
 

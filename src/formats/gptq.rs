@@ -11,6 +11,7 @@ mod config;
 mod load;
 mod packing;
 mod quantize;
+mod split;
 
 use std::path::Path;
 

@@ -4,6 +4,7 @@
 pub mod eetq;
 pub mod gptq;
 pub mod hqq;
+pub mod split;
 
 use crate::error::Result;
 use crate::tensor::Matrix;
@@ -91,8 +92,19 @@ impl QuantWeight {
         format: Option<&str>,
         module: Option<&str>,
     ) -> Result<Self> {
-        use crate::error::Error;
         let file = crate::io::TensorFile::open(path)?;
+        let dir = path.parent().unwrap_or(std::path::Path::new("."));
+        Self::from_file(&file, format, module, || gptq::GptqConfig::from_dir(dir))
+    }
+
+    /// [`Self::load_file`] on a file already read; `gptq_config` is called for a GPTQ layer only.
+    pub fn from_file(
+        file: &crate::io::TensorFile,
+        format: Option<&str>,
+        module: Option<&str>,
+        gptq_config: impl FnOnce() -> Result<gptq::GptqConfig>,
+    ) -> Result<Self> {
+        use crate::error::Error;
         let mut found: Vec<(&str, String)> = Vec::new();
         for (name, marker) in MARKERS {
             if format.is_some_and(|f| !f.eq_ignore_ascii_case(name)) {
@@ -115,7 +127,7 @@ impl QuantWeight {
             [] => {
                 return Err(Error::config(format!(
                     "{}: no {} layer{} found",
-                    path.display(),
+                    file.label,
                     format.unwrap_or("HQQ, GPTQ or EETQ"),
                     module.map(|m| format!(" named `{m}`")).unwrap_or_default()
                 )));
@@ -124,21 +136,20 @@ impl QuantWeight {
                 let names: Vec<String> = many.iter().map(|(f, p)| format!("{p} ({f})")).collect();
                 return Err(Error::config(format!(
                     "{}: several quantized layers ({}); name one with a module",
-                    path.display(),
+                    file.label,
                     names.join(", ")
                 )));
             }
         };
-        let dir = path.parent().unwrap_or(std::path::Path::new("."));
         Ok(match format {
-            "hqq" => Self::Hqq(hqq::HqqWeight::from_tensors(&file, &prefix)?),
+            "hqq" => Self::Hqq(hqq::HqqWeight::from_tensors(file, &prefix)?),
             "gptq" => Self::Gptq(gptq::GptqWeight::from_tensors(
-                &file,
+                file,
                 &prefix,
-                gptq::GptqConfig::from_dir(dir)?,
+                gptq_config()?,
             )?),
             _ => Self::Eetq(eetq::EetqWeight::from_tensors(
-                &file,
+                file,
                 &prefix,
                 eetq::EetqLayout::Cutlass,
             )?),

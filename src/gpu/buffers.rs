@@ -1,8 +1,6 @@
 //! GPU-resident tensors and buffer helpers. Data stays on the GPU between kernels; host copies
 //! happen only in [`GpuTensor::upload`] and [`GpuTensor::download`].
 
-use wgpu::util::DeviceExt;
-
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
 use crate::tensor::Matrix;
@@ -46,40 +44,87 @@ fn padded(bytes: &[u8]) -> Vec<u8> {
     v
 }
 
+/// Creates a buffer. A lost device fails with [`Error::DeviceLost`]; a buffer the device
+/// refuses (over `max_buffer_size`, out of memory) fails with [`Error::Allocation`] naming it.
+pub fn create_buffer(ctx: &GpuContext, desc: &wgpu::BufferDescriptor<'_>) -> Result<wgpu::Buffer> {
+    ctx.check_alive()?;
+    let (buffer, validation, oom) = ctx.capture(|| ctx.device.create_buffer(desc));
+    let reason = match (oom, validation) {
+        (Some(e), _) => format!("out of GPU memory: {e}"),
+        (None, Some(e)) => e.to_string(),
+        (None, None) => return Ok(buffer),
+    };
+    ctx.check_alive()?;
+    Err(Error::Allocation {
+        buffer: desc.label.unwrap_or("unnamed").to_string(),
+        bytes: desc.size,
+        reason,
+    })
+}
+
+/// A buffer holding `contents` (a multiple of 4 bytes, not empty), written at creation.
+fn buffer_with(
+    ctx: &GpuContext,
+    label: &str,
+    contents: &[u8],
+    usage: wgpu::BufferUsages,
+) -> Result<wgpu::Buffer> {
+    let buffer = create_buffer(
+        ctx,
+        &wgpu::BufferDescriptor {
+            label: Some(label),
+            size: contents.len() as u64,
+            usage,
+            mapped_at_creation: true,
+        },
+    )?;
+    let mut view = buffer.get_mapped_range_mut(..).map_err(|e| {
+        ctx.check_alive()
+            .err()
+            .unwrap_or_else(|| Error::Gpu(format!("buffer `{label}`: {e}")))
+    })?;
+    view.copy_from_slice(contents);
+    drop(view);
+    buffer.unmap();
+    Ok(buffer)
+}
+
 /// A read-only storage buffer holding `bytes`.
 pub fn storage_from_bytes(ctx: &GpuContext, label: &str, bytes: &[u8]) -> Result<wgpu::Buffer> {
     let data = padded(bytes);
     check_binding_size(ctx, label, data.len())?;
-    Ok(ctx
-        .device
-        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some(label),
-            contents: &data,
-            usage: wgpu::BufferUsages::STORAGE
-                | wgpu::BufferUsages::COPY_DST
-                | wgpu::BufferUsages::COPY_SRC,
-        }))
+    buffer_with(
+        ctx,
+        label,
+        &data,
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+    )
 }
 
 pub fn storage_from_f32(ctx: &GpuContext, label: &str, values: &[f32]) -> Result<wgpu::Buffer> {
     storage_from_bytes(ctx, label, bytemuck::cast_slice(values))
 }
 
-pub fn uniform<T: bytemuck::Pod>(ctx: &GpuContext, label: &str, value: &T) -> wgpu::Buffer {
-    ctx.device
-        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some(label),
-            contents: bytemuck::bytes_of(value),
-            usage: wgpu::BufferUsages::UNIFORM,
-        })
+pub fn uniform<T: bytemuck::Pod>(ctx: &GpuContext, label: &str, value: &T) -> Result<wgpu::Buffer> {
+    buffer_with(
+        ctx,
+        label,
+        &padded(bytemuck::bytes_of(value)),
+        wgpu::BufferUsages::UNIFORM,
+    )
 }
 
 fn check_binding_size(ctx: &GpuContext, label: &str, bytes: usize) -> Result<()> {
-    let limit = ctx.limits().max_storage_buffer_binding_size as usize;
-    if bytes > limit {
-        return Err(Error::Unsupported(format!(
-            "buffer `{label}` needs {bytes} bytes, over this device's storage binding limit of {limit}"
-        )));
+    let limit = ctx.limits().max_storage_buffer_binding_size;
+    if bytes as u64 > limit {
+        return Err(Error::Allocation {
+            buffer: label.to_string(),
+            bytes: bytes as u64,
+            reason: format!(
+                "over this device's storage binding limit (max_storage_buffer_binding_size) of \
+                 {limit} bytes"
+            ),
+        });
     }
     Ok(())
 }
@@ -158,25 +203,35 @@ pub fn read_f32(ctx: &GpuContext, buffer: &wgpu::Buffer, count: usize) -> Result
 /// Reads the first `len` bytes of a buffer (which must allow COPY_SRC) back to the host.
 pub fn read_buffer(ctx: &GpuContext, buffer: &wgpu::Buffer, len: usize) -> Result<Vec<u8>> {
     let size = (len.div_ceil(4).max(1) * 4) as u64;
-    let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("readback"),
-        size,
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
+    let staging = create_buffer(
+        ctx,
+        &wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        },
+    )?;
     ctx.submit(|enc| enc.copy_buffer_to_buffer(buffer, 0, &staging, 0, size))?;
     let (tx, rx) = std::sync::mpsc::channel();
-    staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-        let _ = tx.send(r);
+    let ((), validation, _) = ctx.capture(|| {
+        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        })
     });
     ctx.wait()?;
+    // A device lost meanwhile explains a failed mapping best.
+    let failed = |what: String| ctx.check_alive().err().unwrap_or(Error::Gpu(what));
+    if let Some(e) = validation {
+        return Err(failed(format!("map_async: {e}")));
+    }
     rx.recv()
-        .map_err(|_| Error::Gpu("readback callback dropped".into()))?
-        .map_err(|e| Error::Gpu(format!("map_async: {e}")))?;
+        .map_err(|_| failed("readback callback dropped".into()))?
+        .map_err(|e| failed(format!("map_async: {e}")))?;
     let view = staging
         .slice(..)
         .get_mapped_range()
-        .map_err(|e| Error::Gpu(format!("get_mapped_range: {e}")))?;
+        .map_err(|e| failed(format!("get_mapped_range: {e}")))?;
     let out = view[..len].to_vec();
     drop(view);
     staging.unmap();

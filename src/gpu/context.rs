@@ -1,7 +1,8 @@
 //! Adapter choice (headless) or a host app's own device, capability detection, the pipeline cache.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::error::{Error, Result};
 use crate::gpu::shaders::ShaderKey;
@@ -19,6 +20,8 @@ pub struct GpuContext {
     pub queue: wgpu::Queue,
     pub info: wgpu::AdapterInfo,
     pipelines: Arc<Mutex<HashMap<ShaderKey, wgpu::ComputePipeline>>>,
+    /// Why the device was lost, set once by wgpu's device-lost callback.
+    lost: Arc<OnceLock<String>>,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -54,6 +57,16 @@ impl GpuContext {
     }
 
     pub async fn new_async() -> Result<Self> {
+        Self::with_limits_async(None).await
+    }
+
+    /// [`Self::new`] asking the device for `limits` instead of everything the adapter offers
+    /// (to run as a device with smaller limits would, e.g. a smaller storage-binding size).
+    pub fn with_limits(limits: wgpu::Limits) -> Result<Self> {
+        pollster::block_on(Self::with_limits_async(Some(limits)))
+    }
+
+    async fn with_limits_async(limits: Option<wgpu::Limits>) -> Result<Self> {
         let instance =
             wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
         let wanted_name = std::env::var("QUANTADAPT_ADAPTER").ok();
@@ -84,7 +97,7 @@ impl GpuContext {
         let descriptor = wgpu::DeviceDescriptor {
             label: Some("quantadapt"),
             required_features: features,
-            required_limits: adapter.limits(),
+            required_limits: limits.unwrap_or_else(|| adapter.limits()),
             experimental_features: wgpu::ExperimentalFeatures::disabled(),
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
@@ -97,14 +110,65 @@ impl GpuContext {
     }
 
     /// Uses a device and queue the host application already owns. The kernels adapt to the
-    /// features and limits the device was created with.
+    /// features and limits the device was created with. This sets the device's lost callback
+    /// (wgpu keeps one), through which [`Self::is_lost`] learns of a loss.
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue, info: wgpu::AdapterInfo) -> Self {
+        let lost = Arc::new(OnceLock::new());
+        let flag = Arc::clone(&lost);
+        device.set_device_lost_callback(move |reason, message| {
+            let _ = flag.set(match message.is_empty() {
+                true => format!("{reason:?}"),
+                false => format!("{reason:?}: {message}"),
+            });
+        });
         Self {
             device,
             queue,
             info,
             pipelines: Arc::new(Mutex::new(HashMap::new())),
+            lost,
         }
+    }
+
+    /// Whether the device is lost (destroyed, reset or removed): nothing runs on it any more,
+    /// and every call that needs it fails with [`Error::DeviceLost`].
+    pub fn is_lost(&self) -> bool {
+        self.check_alive().is_err()
+    }
+
+    /// Fails with [`Error::DeviceLost`] once the device is lost. wgpu reports a loss through
+    /// its callback only while polling, so this polls without blocking first.
+    pub fn check_alive(&self) -> Result<()> {
+        if self.lost.get().is_none() {
+            self.poll(wgpu::PollType::Poll)?;
+        }
+        self.lost_error()
+    }
+
+    fn lost_error(&self) -> Result<()> {
+        match self.lost.get() {
+            None => Ok(()),
+            Some(reason) => Err(Error::DeviceLost(format!(
+                "{} ({reason}); create a new context",
+                self.info.name
+            ))),
+        }
+    }
+
+    /// Polls the device, then reports a loss the poll revealed.
+    fn poll(&self, poll_type: wgpu::PollType) -> Result<()> {
+        // wgpu panics when the driver fails a wait for any reason but a timeout, which is how a
+        // device lost in flight shows; that panic means the device is gone.
+        match catch_unwind(AssertUnwindSafe(|| self.device.poll(poll_type))) {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(Error::Gpu(format!("device poll: {e}"))),
+            Err(_) => {
+                let _ = self
+                    .lost
+                    .set("the driver failed while waiting for the GPU".into());
+            }
+        }
+        self.lost_error()
     }
 
     pub fn features(&self) -> wgpu::Features {
@@ -159,6 +223,7 @@ impl GpuContext {
         if let Some(p) = cache.get(key) {
             return Ok(p.clone());
         }
+        self.check_alive()?;
         let source = key.source()?;
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = self
@@ -180,34 +245,49 @@ impl GpuContext {
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(Error::Gpu(format!("pipeline {}: {e}", key.family)));
         }
+        // A pipeline made while the device was being lost is invalid without an error.
+        self.check_alive()?;
         cache.insert(key.clone(), pipeline.clone());
         Ok(pipeline)
     }
 
     /// Runs `record` in one command buffer, submits it and waits. Validation and out-of-memory
-    /// errors raised meanwhile come back as values.
+    /// errors raised meanwhile come back as values, and so does a lost device (reported first,
+    /// since it explains any other error).
     pub fn submit(&self, record: impl FnOnce(&mut wgpu::CommandEncoder)) -> Result<()> {
-        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let mut encoder = self
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
-        record(&mut encoder);
-        self.queue.submit([encoder.finish()]);
-        if let Some(e) = pollster::block_on(validation.pop()) {
+        self.check_alive()?;
+        let ((), validation, oom) = self.capture(|| {
+            let mut encoder = self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+            record(&mut encoder);
+            self.queue.submit([encoder.finish()]);
+        });
+        self.wait()?;
+        if let Some(e) = validation {
             return Err(Error::Gpu(e.to_string()));
         }
-        if let Some(e) = pollster::block_on(oom.pop()) {
+        if let Some(e) = oom {
             return Err(Error::OutOfMemory(e.to_string()));
         }
-        self.wait()
+        Ok(())
     }
 
-    /// Blocks until the queue is idle.
+    /// Runs `f` with its validation and out-of-memory errors captured (in that order) rather
+    /// than sent to wgpu's uncaptured-error handler, which panics by default.
+    pub(crate) fn capture<T>(
+        &self,
+        f: impl FnOnce() -> T,
+    ) -> (T, Option<wgpu::Error>, Option<wgpu::Error>) {
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let value = f();
+        let validation = pollster::block_on(validation.pop());
+        (value, validation, pollster::block_on(oom.pop()))
+    }
+
+    /// Blocks until the queue is idle; fails if the device is lost meanwhile.
     pub fn wait(&self) -> Result<()> {
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map(|_| ())
-            .map_err(|e| Error::DeviceLost(e.to_string()))
+        self.poll(wgpu::PollType::wait_indefinitely())
     }
 }

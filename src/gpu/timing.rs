@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
-use crate::gpu::buffers::read_buffer;
+use crate::gpu::buffers::{create_buffer, read_buffer};
 
 /// Runs `record` inside one timestamped compute pass, `repeats` times in separate submissions,
 /// and returns the GPU time of each run in microseconds.
@@ -21,12 +21,15 @@ pub fn time_pass(
         ty: wgpu::QueryType::Timestamp,
         count: 2,
     });
-    let resolve = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("timestamps"),
-        size: 16,
-        usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-        mapped_at_creation: false,
-    });
+    let resolve = create_buffer(
+        ctx,
+        &wgpu::BufferDescriptor {
+            label: Some("timestamps"),
+            size: 16,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        },
+    )?;
     let period = ctx.queue.get_timestamp_period() as f64;
     let mut times = Vec::with_capacity(repeats);
     for _ in 0..repeats {

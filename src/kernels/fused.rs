@@ -3,6 +3,7 @@
 //! DoRA term as the epilogue of the GEMV or the tiled GEMM. The separate launches of
 //! `kernels::{oft, lora}` stay the reference the fused paths are tested against.
 
+use crate::error::Result;
 use crate::gpu::GpuContext;
 use crate::gpu::buffers::uniform;
 use crate::gpu::shaders::ShaderKey;
@@ -63,7 +64,7 @@ impl Fused<'_> {
     }
 
     /// The fused operations' parameters, bound at 9.
-    pub(crate) fn uniform(&self, ctx: &GpuContext) -> wgpu::Buffer {
+    pub(crate) fn uniform(&self, ctx: &GpuContext) -> Result<wgpu::Buffer> {
         let mut params = FusedParams::default();
         if let Some(oft) = &self.oft {
             params.oft_b = oft.block_size as u32;

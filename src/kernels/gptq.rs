@@ -48,7 +48,7 @@ impl GpuQuantWeight {
             pad: [0; 3],
         };
         let bindings = vec![
-            (1, uniform(ctx, "gptq params", &params)),
+            (1, uniform(ctx, "gptq params", &params)?),
             (
                 2,
                 storage_from_bytes(ctx, "gptq qweight", bytemuck::cast_slice(&w.qweight))?,

@@ -89,7 +89,7 @@ impl GpuQuantWeight {
             slab_len: b.slab_len as u32,
         };
         let bindings = vec![
-            (1, uniform(ctx, "hqq params", &params)),
+            (1, uniform(ctx, "hqq params", &params)?),
             (2, b.packed),
             (3, b.scale),
             (4, b.zero),

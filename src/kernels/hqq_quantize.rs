@@ -191,7 +191,7 @@ fn run(
 ) -> Result<Quantized> {
     let plan = plan(weight, bias, config)?;
     let groups = plan.grouping.groups();
-    let params = uniform(ctx, "hqq quantize params", &plan.params);
+    let params = uniform(ctx, "hqq quantize params", &plan.params)?;
     let w = storage_from_f32(ctx, "hqq quantize W", &weight.data)?;
     let inv_scale = poisoned_f32(ctx, "hqq inv_scale", groups)?;
     let scale = poisoned_f32(ctx, "hqq scale", groups)?;
@@ -211,7 +211,7 @@ fn run(
                  entries: &[(u32, &wgpu::Buffer)]|
      -> Result<(wgpu::ComputePipeline, wgpu::BindGroup)> {
         let pipeline = ctx.pipeline(&key(entry, compute))?;
-        let group = bind(ctx, &pipeline, entries);
+        let group = bind(ctx, &pipeline, entries)?;
         Ok((pipeline, group))
     };
     let f32 = ComputeDtype::F32;

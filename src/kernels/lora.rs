@@ -116,13 +116,13 @@ impl GpuLora {
         }
         let m = x.rows;
         let h = poisoned_f32(ctx, "lora h", m * self.rank)?;
-        let params = uniform(ctx, "lora params", &self.params(m, false));
+        let params = uniform(ctx, "lora params", &self.params(m, false))?;
         let shrink = ctx.pipeline(&key("shrink", x.dtype))?;
         let bind = bind(
             ctx,
             &shrink,
             &[(0, &params), (1, &self.a), (3, &x.buffer), (4, &h)],
-        );
+        )?;
         let dispatch = Dispatch::elementwise(shrink, bind, m * self.rank, WORKGROUP);
         Ok((dispatch, h))
     }
@@ -149,7 +149,7 @@ impl GpuLora {
     ) -> Result<[Dispatch; 2]> {
         check_io(x, y, self.in_features, self.out_features)?;
         let (shrink, h) = self.prepare_shrink(ctx, x)?;
-        let params = uniform(ctx, "lora params", &self.params(x.rows, bias.is_some()));
+        let params = uniform(ctx, "lora params", &self.params(x.rows, bias.is_some()))?;
         let expand = ctx.pipeline(&key("expand", x.dtype))?;
         let unused = &self.b;
         let expand_bind = bind(
@@ -163,7 +163,7 @@ impl GpuLora {
                 (6, bias.unwrap_or(unused)),
                 (7, &y.buffer),
             ],
-        );
+        )?;
         Ok([
             shrink,
             Dispatch::elementwise(expand, expand_bind, x.rows * self.out_features, WORKGROUP),

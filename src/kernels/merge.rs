@@ -114,7 +114,7 @@ pub fn merged_weight(
         }
     };
     let pipeline = ctx.pipeline(&key(entry))?;
-    let params = uniform(ctx, "merge params", &params);
+    let params = uniform(ctx, "merge params", &params)?;
     let entries: Vec<(u32, &wgpu::Buffer)> = match entry {
         "oft" => vec![(0, &params), (1, &w), (2, &first), (5, &out)],
         _ => vec![
@@ -126,7 +126,7 @@ pub fn merged_weight(
             (5, &out),
         ],
     };
-    let bind = bind(ctx, &pipeline, &entries);
+    let bind = bind(ctx, &pipeline, &entries)?;
     Dispatch::run_all(
         ctx,
         &[&Dispatch::elementwise(pipeline, bind, n * k, WORKGROUP)],

@@ -163,7 +163,7 @@ impl GpuMixedAdapters {
         storage_from_bytes(ctx, "row slots", bytemuck::cast_slice(slots))
     }
 
-    fn params(&self, ctx: &GpuContext, m: usize, has_bias: bool) -> wgpu::Buffer {
+    fn params(&self, ctx: &GpuContext, m: usize, has_bias: bool) -> Result<wgpu::Buffer> {
         uniform(
             ctx,
             "mixed params",
@@ -188,7 +188,7 @@ impl GpuMixedAdapters {
     ) -> Result<Dispatch> {
         check_io(x, rotated, self.in_features, self.in_features)?;
         let pipeline = ctx.pipeline(&key("rotate", x.dtype))?;
-        let params = self.params(ctx, x.rows, false);
+        let params = self.params(ctx, x.rows, false)?;
         let bind = bind(
             ctx,
             &pipeline,
@@ -200,7 +200,7 @@ impl GpuMixedAdapters {
                 (4, &x.buffer),
                 (7, &rotated.buffer),
             ],
-        );
+        )?;
         Ok(Dispatch::elementwise(pipeline, bind, x.numel(), WORKGROUP))
     }
 
@@ -216,7 +216,7 @@ impl GpuMixedAdapters {
         check_io(x, y, self.in_features, self.out_features)?;
         let m = x.rows;
         let h = poisoned_f32(ctx, "mixed h", m * self.max_rank)?;
-        let params = self.params(ctx, m, bias.is_some());
+        let params = self.params(ctx, m, bias.is_some())?;
         let shrink = ctx.pipeline(&key("shrink", x.dtype))?;
         let shrink_bind = bind(
             ctx,
@@ -229,7 +229,7 @@ impl GpuMixedAdapters {
                 (4, &x.buffer),
                 (5, &h),
             ],
-        );
+        )?;
         let expand = ctx.pipeline(&key("expand", x.dtype))?;
         let expand_bind = bind(
             ctx,
@@ -243,7 +243,7 @@ impl GpuMixedAdapters {
                 (6, bias.unwrap_or(&self.weights)),
                 (7, &y.buffer),
             ],
-        );
+        )?;
         Ok([
             Dispatch::elementwise(shrink, shrink_bind, m * self.max_rank, WORKGROUP),
             Dispatch::elementwise(expand, expand_bind, m * self.out_features, WORKGROUP),

@@ -125,12 +125,13 @@ impl Dispatch {
     }
 }
 
-/// A bind group for group 0 of `pipeline` from `(binding, buffer)` pairs.
+/// A bind group for group 0 of `pipeline` from `(binding, buffer)` pairs; a binding the device
+/// refuses comes back as [`Error::Gpu`].
 pub(crate) fn bind(
     ctx: &GpuContext,
     pipeline: &wgpu::ComputePipeline,
     entries: &[(u32, &wgpu::Buffer)],
-) -> wgpu::BindGroup {
+) -> Result<wgpu::BindGroup> {
     let entries: Vec<wgpu::BindGroupEntry<'_>> = entries
         .iter()
         .map(|(binding, buffer)| wgpu::BindGroupEntry {
@@ -138,9 +139,18 @@ pub(crate) fn bind(
             resource: buffer.as_entire_binding(),
         })
         .collect();
-    ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: None,
-        layout: &pipeline.get_bind_group_layout(0),
-        entries: &entries,
-    })
+    let (group, validation, _) = ctx.capture(|| {
+        ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        })
+    });
+    match validation {
+        None => Ok(group),
+        Some(e) => {
+            ctx.check_alive()?;
+            Err(Error::Gpu(format!("bind group: {e}")))
+        }
+    }
 }

@@ -3,7 +3,7 @@
 
 use crate::adapters::oft::Parameterization;
 use crate::error::{Error, Result, check_finite};
-use crate::gpu::buffers::{poisoned_f32, read_f32, storage_from_f32, uniform};
+use crate::gpu::buffers::{create_buffer, poisoned_f32, read_f32, storage_from_f32, uniform};
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
 use crate::kernels::fused::OftPrologue;
@@ -166,7 +166,7 @@ impl GpuOft {
                 terms,
                 _pad: 0,
             },
-        );
+        )?;
         let params_buf = storage_from_f32(ctx, "oft generator", params)?;
         let blocks = poisoned_f32(ctx, "oft blocks", out_floats)?;
         let scratch_bytes = scratch_floats.checked_mul(4).ok_or_else(too_big)?;
@@ -177,12 +177,15 @@ impl GpuOft {
                  binding limit of {limit}"
             )));
         }
-        let scratch = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("oft build scratch"),
-            size: scratch_bytes.max(4) as u64,
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        });
+        let scratch = create_buffer(
+            ctx,
+            &wgpu::BufferDescriptor {
+                label: Some("oft build scratch"),
+                size: scratch_bytes.max(4) as u64,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            },
+        )?;
         let bind_group = bind(
             ctx,
             &pipeline,
@@ -192,7 +195,7 @@ impl GpuOft {
                 (2, &blocks),
                 (3, &scratch),
             ],
-        );
+        )?;
         let dispatch = Dispatch::new(pipeline, bind_group, grid(param_rows as u32));
         Dispatch::run_all(ctx, &[&dispatch])?;
         Ok(Self {
@@ -231,7 +234,7 @@ impl GpuOft {
                 b: self.block_size as u32,
                 stored_blocks: self.stored_blocks as u32,
             },
-        );
+        )?;
         let bind = bind(
             ctx,
             &pipeline,
@@ -241,7 +244,7 @@ impl GpuOft {
                 (2, &x.buffer),
                 (3, &y.buffer),
             ],
-        );
+        )?;
         Ok(Dispatch::elementwise(pipeline, bind, x.numel(), WORKGROUP))
     }
 

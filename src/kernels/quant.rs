@@ -3,7 +3,8 @@
 //! `dequant_weight(n, k)` (`shaders/formats/<format>.wgsl`).
 
 use crate::error::{Error, Result};
-use crate::formats::QuantWeight;
+use crate::formats::split::{RowSplit, plan_row_splits};
+use crate::formats::{QuantFormat, QuantWeight};
 use crate::gpu::buffers::{poisoned_f32, read_f32, storage_from_f32, uniform};
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
@@ -152,8 +153,47 @@ impl GpuQuantWeight {
         })
     }
 
-    /// Uploads a base weight of any format, still packed.
+    /// Uploads a base weight of any format, still packed, split by output rows where a buffer
+    /// of it would exceed the device's storage-binding limit.
     pub fn upload(ctx: &GpuContext, weight: &QuantWeight) -> Result<Self> {
+        let limits = ctx.limits();
+        let max_binding = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
+        Self::upload_split(
+            ctx,
+            weight,
+            usize::try_from(max_binding).unwrap_or(usize::MAX),
+        )
+    }
+
+    /// [`Self::upload`] with at most `max_binding_bytes` in any one buffer.
+    pub fn upload_split(
+        ctx: &GpuContext,
+        weight: &QuantWeight,
+        max_binding_bytes: usize,
+    ) -> Result<Self> {
+        let ranges = plan_row_splits(weight, max_binding_bytes)?;
+        if ranges.len() == 1 {
+            return Self::upload_whole(ctx, weight);
+        }
+        let mut slices = Vec::with_capacity(ranges.len());
+        for range in ranges {
+            let part = Self::upload_whole(ctx, &weight.rows(range.clone())?)?;
+            for mut slice in part.slices {
+                slice.row_offset += range.start;
+                slices.push(slice);
+            }
+        }
+        Ok(Self {
+            out_features: weight.out_features(),
+            in_features: weight.in_features(),
+            slices,
+            bias: bias_buffer(ctx, weight.bias())?,
+        })
+    }
+
+    fn upload_whole(ctx: &GpuContext, weight: &QuantWeight) -> Result<Self> {
         match weight {
             QuantWeight::Hqq(w) => Self::from_hqq(ctx, w),
             QuantWeight::Gptq(w) => Self::from_gptq(ctx, w),
@@ -163,7 +203,14 @@ impl GpuQuantWeight {
 
     /// Bytes this layer keeps on the GPU (packed weight, its metadata, bias).
     pub fn resident_bytes(&self) -> usize {
-        self.slices.iter().map(|s| s.resident_bytes).sum()
+        let slices: usize = self.slices.iter().map(|s| s.resident_bytes).sum();
+        // A split weight also keeps the whole bias for the adapters' launches.
+        let whole_bias = if self.slices.len() > 1 {
+            self.bias.size() as usize
+        } else {
+            0
+        };
+        slices + whole_bias
     }
 
     /// Row slices the weight is bound as (one unless it exceeds a binding).
@@ -183,8 +230,8 @@ impl GpuQuantWeight {
         let mut launches = Vec::new();
         for slice in &self.slices {
             let pipeline = ctx.pipeline(&slice.shader.dequant_key())?;
-            let params = slice.params(ctx, 0, self.in_features, self.out_features);
-            let bind = slice.bind_group(ctx, &pipeline, &params, &[(8, &out)]);
+            let params = slice.params(ctx, 0, self.in_features, self.out_features)?;
+            let bind = slice.bind_group(ctx, &pipeline, &params, &[(8, &out)])?;
             let numel = (slice.rows * self.in_features) as u32;
             launches.push(Dispatch::new(
                 pipeline,
@@ -277,7 +324,7 @@ impl GpuQuantWeight {
                 self.in_features
             )));
         }
-        let fused_params = fused.uniform(ctx);
+        let fused_params = fused.uniform(ctx)?;
         let mut launches = Vec::new();
         for slice in &self.slices {
             let (key, groups) = match path {
@@ -302,12 +349,12 @@ impl GpuQuantWeight {
                 )));
             }
             let pipeline = ctx.pipeline(&key)?;
-            let params = slice.params(ctx, x.rows, self.in_features, self.out_features);
+            let params = slice.params(ctx, x.rows, self.in_features, self.out_features)?;
             let mut tail = vec![(6, &x.buffer), (7, &slice.bias), (8, &y.buffer)];
             if !fused.is_empty() {
                 tail.extend(fused.bindings(&fused_params));
             }
-            let bind = slice.bind_group(ctx, &pipeline, &params, &tail);
+            let bind = slice.bind_group(ctx, &pipeline, &params, &tail)?;
             launches.push(Dispatch::new(pipeline, bind, groups));
         }
         Ok(Dispatch::chain(launches))
@@ -315,7 +362,7 @@ impl GpuQuantWeight {
 }
 
 impl RowSlice {
-    fn params(&self, ctx: &GpuContext, m: usize, k: usize, y_cols: usize) -> wgpu::Buffer {
+    fn params(&self, ctx: &GpuContext, m: usize, k: usize, y_cols: usize) -> Result<wgpu::Buffer> {
         uniform(
             ctx,
             "matmul params",
@@ -337,7 +384,7 @@ impl RowSlice {
         pipeline: &wgpu::ComputePipeline,
         params: &wgpu::Buffer,
         tail: &[(u32, &wgpu::Buffer)],
-    ) -> wgpu::BindGroup {
+    ) -> Result<wgpu::BindGroup> {
         let mut entries: Vec<(u32, &wgpu::Buffer)> = vec![(0, params)];
         entries.extend(self.format_bindings.iter().map(|(i, b)| (*i, b)));
         entries.extend_from_slice(tail);

@@ -4,6 +4,7 @@
 
 pub mod packing;
 pub mod solver;
+mod split;
 
 use std::path::Path;
 
@@ -230,7 +231,7 @@ impl HqqWeight {
             &self.packed,
             self.packed_rows,
             self.packed_cols,
-            self.grouping.numel,
+            0..self.grouping.numel,
         )
     }
 

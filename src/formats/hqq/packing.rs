@@ -95,22 +95,22 @@ fn element(packing: &Packing, bytes: &[u8], p: usize) -> u32 {
     }
 }
 
-/// Unpacks `numel` codes (flat order) from packed storage of `packed_rows x cols` elements.
-/// The caller has checked that `bytes` holds exactly that many elements.
+/// Unpacks the codes of flat indices `flat` (e.g. `0..numel`) from packed storage of
+/// `packed_rows x cols` elements. The caller has checked that `bytes` holds exactly that many
+/// elements and that `flat` lies within the weight.
 pub fn unpack(
     packing: &Packing,
     bytes: &[u8],
     packed_rows: usize,
     cols: usize,
-    numel: usize,
+    flat: std::ops::Range<usize>,
 ) -> Vec<u8> {
     let slab_len = packed_rows * cols;
-    (0..numel)
-        .map(|f| {
-            let (slab, p) = (f / slab_len, f % slab_len);
-            ((element(packing, bytes, p) >> packing.shift(slab)) & packing.mask()) as u8
-        })
-        .collect()
+    flat.map(|f| {
+        let (slab, p) = (f / slab_len, f % slab_len);
+        ((element(packing, bytes, p) >> packing.shift(slab)) & packing.mask()) as u8
+    })
+    .collect()
 }
 
 /// Packs codes of a grouped `rows x cols` tensor (flat order) into HQQ's storage bytes.
