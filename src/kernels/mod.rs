@@ -1,6 +1,8 @@
 //! One module per shader family: GPU-resident weights, bind groups and dispatch.
 
+pub mod dense;
 pub mod eetq;
+pub mod fma;
 pub mod gptq;
 pub mod hqq;
 pub mod hqq_quantize;
@@ -9,6 +11,7 @@ pub mod merge;
 pub mod mixed;
 pub mod oft;
 pub mod quant;
+pub mod stream;
 
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor};
