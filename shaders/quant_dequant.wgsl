@@ -1,4 +1,5 @@
-// Dequantizes a whole weight to f32 [N, K], one invocation per element (for checks and merges).
+// Dequantizes a weight (or one row slice of it) to f32 [N, K], one invocation per element (for
+// checks and merges).
 #include "common/elementwise.wgsl"
 #include "common/quant_format.wgsl"
 
@@ -10,5 +11,5 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     if (f >= p.n * p.k) {
         return;
     }
-    out[f] = dequant_weight(f / p.k, f % p.k);
+    out[p.n_offset * p.k + f] = dequant_weight(f / p.k, f % p.k);
 }

@@ -1,10 +1,13 @@
 // y = x · Wᵀ + bias for many rows: TILE x TILE output tiles, x and the dequantized weight staged
-// through workgroup memory one K-slice at a time, f32 accumulation.
+// through workgroup memory one K-slice at a time, f32 accumulation. With LORA_EPILOGUE one
+// adapter's term joins the single write of y (common/fused_ops.wgsl).
 #include "common/quant_format.wgsl"
 
 @group(0) @binding(6) var<storage, read> x: array<Act>;
 @group(0) @binding(7) var<storage, read> bias: array<f32>;
 @group(0) @binding(8) var<storage, read_write> y: array<Act>;
+
+#include "common/fused_ops.wgsl"
 
 var<workgroup> xs: array<array<f32, TILE>, TILE>;
 var<workgroup> ws: array<array<f32, TILE>, TILE>;
@@ -34,9 +37,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
         workgroupBarrier();
     }
     if (row < p.m && col < p.n) {
+        var bias_value = 0.0;
         if (p.has_bias == 1u) {
-            acc += bias[col];
+            bias_value = bias[col];
         }
-        y[row * p.n + col] = Act(acc);
+        acc += bias_value;
+#ifdef LORA_EPILOGUE
+        acc = lora_epilogue(row, p.n_offset + col, acc, bias_value);
+#endif
+        y[row * p.y_cols + p.n_offset + col] = Act(acc);
     }
 }

@@ -16,13 +16,15 @@ use crate::error::{Error, Result, check_finite};
 use crate::formats::hqq::{HqqConfig, HqqWeight};
 use crate::formats::{QuantFormat, QuantWeight};
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
-use crate::kernels::Dispatch;
+use crate::kernels::fused::{Fused, oft_prologue_pays};
 use crate::kernels::hqq_quantize::quantize_to_host;
 use crate::kernels::lora::GpuLora;
 use crate::kernels::merge::{self, MergeDelta};
 use crate::kernels::mixed::{self, GpuMixedAdapters, MixedSlot};
 use crate::kernels::oft::GpuOft;
+use crate::kernels::quant::GEMV_ROWS_PER_WORKGROUP;
 use crate::kernels::quant::GpuQuantWeight;
+use crate::kernels::{Dispatch, MatmulPath};
 use crate::tensor::Matrix;
 
 /// Where a layer runs.
@@ -62,6 +64,20 @@ pub struct QuantLinear {
     enabled: bool,
     merged: Vec<Merged>,
     gpu: Option<GpuState>,
+    fusion: Fusion,
+}
+
+/// How much adapter work a GPU forward fuses into the base matmul launch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Fusion {
+    /// A launch per adapter kernel: the reference the fused paths are checked against.
+    Off,
+    /// An OFT rotation as the GEMV's prologue where `kernels::fused::oft_prologue_pays`, and a
+    /// LoRA expand as the matmul's epilogue wherever the device's binding limit allows.
+    #[default]
+    Auto,
+    /// Everything the kernels can fuse, paying or not (for tests and measurements).
+    Always,
 }
 
 fn adapter_error(name: &str, reason: impl Into<String>) -> Error {
@@ -89,6 +105,7 @@ impl QuantLinear {
             enabled: true,
             merged: Vec::new(),
             gpu,
+            fusion: Fusion::default(),
         })
     }
 
@@ -258,6 +275,15 @@ impl QuantLinear {
         self.prepare_with(self.gpu_state()?, x, y, &self.unmerged_active())
     }
 
+    /// How much adapter work the GPU forward fuses into the base matmul.
+    pub fn set_fusion(&mut self, fusion: Fusion) {
+        self.fusion = fusion;
+    }
+
+    pub fn fusion(&self) -> Fusion {
+        self.fusion
+    }
+
     fn prepare_with(
         &self,
         gpu: &GpuState,
@@ -266,27 +292,80 @@ impl QuantLinear {
         adapters: &[&Adapter],
     ) -> Result<Vec<Dispatch>> {
         let ctx = &gpu.ctx;
+        let path = MatmulPath::for_rows(x.rows);
+        let mut ofts = Vec::new();
+        let mut loras = Vec::new();
+        for a in adapters {
+            match gpu.adapters.get(a.name()) {
+                Some(GpuAdapter::Oft(oft)) => ofts.push(oft),
+                Some(GpuAdapter::Lora(lora)) => loras.push(lora),
+                None => {}
+            }
+        }
+        let (fuse_oft, fuse_lora) =
+            self.fusion_plan(gpu, x.rows, ofts.last().copied(), !loras.is_empty());
+        // The last rotation can be the GEMV's prologue and the first LoRA's expand the matmul's
+        // epilogue; the others keep launches of their own, in the same order.
+        let (separate_ofts, fused_oft) = match fuse_oft {
+            true => (&ofts[..ofts.len() - 1], ofts.last()),
+            false => (&ofts[..], None),
+        };
         let mut steps = Vec::new();
         let mut rotated = x.clone();
-        for a in adapters {
-            if let Some(GpuAdapter::Oft(oft)) = gpu.adapters.get(a.name()) {
-                let next = GpuTensor::poisoned(ctx, x.rows, x.cols, x.dtype)?;
-                steps.push(oft.prepare(ctx, &rotated, &next)?);
-                rotated = next;
-            }
+        for oft in separate_ofts {
+            let next = GpuTensor::poisoned(ctx, x.rows, x.cols, x.dtype)?;
+            steps.push(oft.prepare(ctx, &rotated, &next)?);
+            rotated = next;
         }
-        steps.push(gpu.base.prepare(
-            ctx,
-            &rotated,
-            y,
-            crate::kernels::MatmulPath::for_rows(x.rows),
-        )?);
-        for a in adapters {
-            if let Some(GpuAdapter::Lora(lora)) = gpu.adapters.get(a.name()) {
-                steps.extend(lora.prepare(ctx, x, y, Some(gpu.base.bias_buffer()))?);
-            }
+        let mut fused_lora = None;
+        if fuse_lora {
+            let (shrink, h) = loras[0].prepare_shrink(ctx, x)?;
+            steps.push(shrink);
+            fused_lora = Some((loras[0], h));
+        }
+        let fused = Fused {
+            oft: fused_oft.map(|oft| oft.prologue()),
+            lora: fused_lora.as_ref().map(|(lora, h)| lora.epilogue(h)),
+        };
+        steps.push(gpu.base.prepare_fused(ctx, &rotated, y, path, &fused)?);
+        for lora in &loras[fuse_lora as usize..] {
+            steps.extend(lora.prepare(ctx, x, y, Some(gpu.base.bias_buffer()))?);
         }
         Ok(steps)
+    }
+
+    /// Whether to fuse the last OFT rotation and the first LoRA term into the base matmul.
+    fn fusion_plan(
+        &self,
+        gpu: &GpuState,
+        rows: usize,
+        oft: Option<&GpuOft>,
+        lora: bool,
+    ) -> (bool, bool) {
+        if self.fusion == Fusion::Off {
+            return (false, false);
+        }
+        let path = MatmulPath::for_rows(rows);
+        let oft_wanted = oft.is_some_and(|oft| {
+            let prologue = oft.prologue();
+            self.fusion == Fusion::Always
+                || oft_prologue_pays(
+                    self.base.out_features().div_ceil(GEMV_ROWS_PER_WORKGROUP),
+                    rows,
+                    self.base.in_features(),
+                    prologue.block_size,
+                    prologue.stored_blocks == 1,
+                )
+        });
+        let block = oft.map(|o| o.block_size);
+        let fits = |fuse_oft: bool, fuse_lora: bool| {
+            gpu.base
+                .can_fuse(&gpu.ctx, path, block.filter(|_| fuse_oft), fuse_lora)
+        };
+        [(true, true), (false, true), (true, false)]
+            .into_iter()
+            .find(|&(o, l)| (!o || oft_wanted) && (!l || lora) && fits(o, l))
+            .unwrap_or((false, false))
     }
 
     /// One adapter name per row of `x` (`__base__` = the base alone; names this layer does not
@@ -366,12 +445,9 @@ impl QuantLinear {
         let row_slots = mixed.row_slots(ctx, &slots)?;
         let rotated = GpuTensor::poisoned(ctx, x.rows, x.cols, x.dtype)?;
         let rotate = mixed.prepare_rotate(ctx, &row_slots, x, &rotated)?;
-        let matmul = gpu.base.prepare(
-            ctx,
-            &rotated,
-            y,
-            crate::kernels::MatmulPath::for_rows(x.rows),
-        )?;
+        let matmul = gpu
+            .base
+            .prepare(ctx, &rotated, y, MatmulPath::for_rows(x.rows))?;
         let [shrink, expand] =
             mixed.prepare_lora(ctx, &row_slots, x, y, Some(gpu.base.bias_buffer()))?;
         Ok(vec![rotate, matmul, shrink, expand])

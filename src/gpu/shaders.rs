@@ -8,6 +8,10 @@ use crate::gpu::ActDtype;
 /// Every WGSL file, embedded at build time, by its path under `shaders/`.
 const FILES: &[(&str, &str)] = &[
     (
+        "common/fused_ops.wgsl",
+        include_str!("../../shaders/common/fused_ops.wgsl"),
+    ),
+    (
         "common/matmul_params.wgsl",
         include_str!("../../shaders/common/matmul_params.wgsl"),
     ),

@@ -5,6 +5,7 @@ use crate::error::{Error, Result};
 use crate::gpu::buffers::{poisoned_f32, storage_from_f32, uniform};
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
+use crate::kernels::fused::LoraEpilogue;
 use crate::kernels::{Dispatch, bind, check_io};
 use crate::tensor::Matrix;
 
@@ -87,6 +88,56 @@ impl GpuLora {
         })
     }
 
+    fn params(&self, m: usize, has_bias: bool) -> LoraParams {
+        LoraParams {
+            m: m as u32,
+            k: self.in_features as u32,
+            n: self.out_features as u32,
+            r: self.rank as u32,
+            scaling: self.scaling,
+            dora: self.dora_scale.is_some() as u32,
+            has_bias: has_bias as u32,
+            pad: 0,
+        }
+    }
+
+    /// Binds the shrink `h = x · Aᵀ` (`[m, rank]` f32, returned with the launch).
+    pub fn prepare_shrink(
+        &self,
+        ctx: &GpuContext,
+        x: &GpuTensor,
+    ) -> Result<(Dispatch, wgpu::Buffer)> {
+        if x.cols != self.in_features {
+            return Err(Error::shape(
+                "x",
+                format!("[m, {}]", self.in_features),
+                &[x.rows, x.cols],
+            ));
+        }
+        let m = x.rows;
+        let h = poisoned_f32(ctx, "lora h", m * self.rank)?;
+        let params = uniform(ctx, "lora params", &self.params(m, false));
+        let shrink = ctx.pipeline(&key("shrink", x.dtype))?;
+        let bind = bind(
+            ctx,
+            &shrink,
+            &[(0, &params), (1, &self.a), (3, &x.buffer), (4, &h)],
+        );
+        let dispatch = Dispatch::elementwise(shrink, bind, m * self.rank, WORKGROUP);
+        Ok((dispatch, h))
+    }
+
+    /// The expand as a matmul epilogue (`kernels::fused`), `h` from [`Self::prepare_shrink`].
+    pub fn epilogue<'a>(&'a self, h: &'a wgpu::Buffer) -> LoraEpilogue<'a> {
+        LoraEpilogue {
+            h,
+            b: &self.b,
+            dora_scale: self.dora_scale.as_ref(),
+            rank: self.rank,
+            scaling: self.scaling,
+        }
+    }
+
     /// Binds `y += s · (x Aᵀ) Bᵀ` (or DoRA's rescale) for `x: [m, in]`, `y: [m, out]`.
     /// `bias` is the base layer's bias buffer (DoRA leaves it out of the rescale).
     pub fn prepare(
@@ -97,28 +148,8 @@ impl GpuLora {
         bias: Option<&wgpu::Buffer>,
     ) -> Result<[Dispatch; 2]> {
         check_io(x, y, self.in_features, self.out_features)?;
-        let m = x.rows;
-        let h = poisoned_f32(ctx, "lora h", m * self.rank)?;
-        let params = uniform(
-            ctx,
-            "lora params",
-            &LoraParams {
-                m: m as u32,
-                k: self.in_features as u32,
-                n: self.out_features as u32,
-                r: self.rank as u32,
-                scaling: self.scaling,
-                dora: self.dora_scale.is_some() as u32,
-                has_bias: bias.is_some() as u32,
-                pad: 0,
-            },
-        );
-        let shrink = ctx.pipeline(&key("shrink", x.dtype))?;
-        let shrink_bind = bind(
-            ctx,
-            &shrink,
-            &[(0, &params), (1, &self.a), (3, &x.buffer), (4, &h)],
-        );
+        let (shrink, h) = self.prepare_shrink(ctx, x)?;
+        let params = uniform(ctx, "lora params", &self.params(x.rows, bias.is_some()));
         let expand = ctx.pipeline(&key("expand", x.dtype))?;
         let unused = &self.b;
         let expand_bind = bind(
@@ -134,8 +165,8 @@ impl GpuLora {
             ],
         );
         Ok([
-            Dispatch::elementwise(shrink, shrink_bind, m * self.rank, WORKGROUP),
-            Dispatch::elementwise(expand, expand_bind, m * self.out_features, WORKGROUP),
+            shrink,
+            Dispatch::elementwise(expand, expand_bind, x.rows * self.out_features, WORKGROUP),
         ])
     }
 

@@ -3,6 +3,7 @@
 pub mod dense;
 pub mod eetq;
 pub mod fma;
+pub mod fused;
 pub mod gptq;
 pub mod hqq;
 pub mod hqq_quantize;
@@ -58,8 +59,13 @@ pub(crate) fn check_io(x: &GpuTensor, y: &GpuTensor, inputs: usize, outputs: usi
     Ok(())
 }
 
-/// A bound kernel launch that can be recorded into any compute pass, any number of times.
+/// Bound kernel launches (usually one) that can be recorded into any compute pass, any number
+/// of times.
 pub struct Dispatch {
+    launches: Vec<Launch>,
+}
+
+struct Launch {
     pipeline: wgpu::ComputePipeline,
     bind: wgpu::BindGroup,
     groups: (u32, u32),
@@ -72,9 +78,11 @@ impl Dispatch {
         groups: (u32, u32),
     ) -> Self {
         Self {
-            pipeline,
-            bind,
-            groups,
+            launches: vec![Launch {
+                pipeline,
+                bind,
+                groups,
+            }],
         }
     }
 
@@ -89,10 +97,24 @@ impl Dispatch {
         Self::new(pipeline, bind, groups)
     }
 
+    /// The launches of `parts`, one after another.
+    pub(crate) fn chain(parts: Vec<Dispatch>) -> Self {
+        Self {
+            launches: parts.into_iter().flat_map(|d| d.launches).collect(),
+        }
+    }
+
+    /// Kernel launches this records.
+    pub fn launches(&self) -> usize {
+        self.launches.len()
+    }
+
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
-        pass.set_pipeline(&self.pipeline);
-        pass.set_bind_group(0, &self.bind, &[]);
-        pass.dispatch_workgroups(self.groups.0, self.groups.1, 1);
+        for launch in &self.launches {
+            pass.set_pipeline(&launch.pipeline);
+            pass.set_bind_group(0, &launch.bind, &[]);
+            pass.dispatch_workgroups(launch.groups.0, launch.groups.1, 1);
+        }
     }
 
     /// Records the launches in one pass, submits and waits.

@@ -6,6 +6,7 @@ use crate::error::{Error, Result, check_finite};
 use crate::gpu::buffers::{poisoned_f32, read_f32, storage_from_f32, uniform};
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
+use crate::kernels::fused::OftPrologue;
 use crate::kernels::{Dispatch, bind, check_io, grid};
 
 const WORKGROUP: u32 = 256;
@@ -206,6 +207,15 @@ impl GpuOft {
     pub fn download_blocks(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
         let count = self.stored_blocks * self.block_size * self.block_size;
         read_f32(ctx, &self.blocks, count)
+    }
+
+    /// The rotation as a GEMV prologue (`kernels::fused`).
+    pub fn prologue(&self) -> OftPrologue<'_> {
+        OftPrologue {
+            blocks: &self.blocks,
+            block_size: self.block_size,
+            stored_blocks: self.stored_blocks,
+        }
     }
 
     /// Binds one rotation `x -> y` (both `[m, in]`).

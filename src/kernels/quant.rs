@@ -7,10 +7,15 @@ use crate::formats::QuantWeight;
 use crate::gpu::buffers::{poisoned_f32, read_f32, storage_from_f32, uniform};
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
+use crate::kernels::fused::{Fused, extra_storage_bindings, with_fused_flags};
 use crate::kernels::{Dispatch, GEMV_MAX_ROWS, MatmulPath, bind, check_io, grid};
 use crate::tensor::Matrix;
 
 const GEMV_WORKGROUP: u32 = 64;
+/// Output features one GEMV workgroup owns.
+pub const GEMV_ROWS_PER_WORKGROUP: usize = 4;
+/// Columns of x the GEMV's OFT prologue rotates into workgroup memory at a time.
+const GEMV_OFT_CHUNK: u32 = 256;
 const GEMM_TILE: u32 = 16;
 const DEQUANT_WORKGROUP: u32 = 256;
 
@@ -22,6 +27,9 @@ struct MatmulParams {
     n: u32,
     k: u32,
     has_bias: u32,
+    n_offset: u32,
+    y_cols: u32,
+    pad: [u32; 2],
 }
 
 /// Which format's decoder a specialization includes, and its constants.
@@ -41,14 +49,19 @@ impl FormatShader {
         key
     }
 
-    fn gemv_key(&self, act: ActDtype) -> ShaderKey {
-        self.key("quant_gemv", act)
+    fn gemv_key(&self, act: ActDtype, oft: bool, lora: bool) -> ShaderKey {
+        let key = self
+            .key("quant_gemv", act)
             .constant("WG", GEMV_WORKGROUP)
             .constant("MAX_M", GEMV_MAX_ROWS as u32)
+            .constant("ROWS", GEMV_ROWS_PER_WORKGROUP as u32)
+            .constant("CHUNK", GEMV_OFT_CHUNK);
+        with_fused_flags(key, oft, lora)
     }
 
-    fn gemm_key(&self, act: ActDtype) -> ShaderKey {
-        self.key("quant_gemm", act).constant("TILE", GEMM_TILE)
+    fn gemm_key(&self, act: ActDtype, lora: bool) -> ShaderKey {
+        let key = self.key("quant_gemm", act).constant("TILE", GEMM_TILE);
+        with_fused_flags(key, false, lora)
     }
 
     fn dequant_key(&self) -> ShaderKey {
@@ -59,24 +72,44 @@ impl FormatShader {
     pub fn keys(&self) -> Vec<ShaderKey> {
         let mut keys = vec![self.dequant_key()];
         for act in [ActDtype::F32, ActDtype::F16] {
-            keys.push(self.gemv_key(act));
-            keys.push(self.gemm_key(act));
+            for (oft, lora) in [(false, false), (true, false), (false, true), (true, true)] {
+                keys.push(self.gemv_key(act, oft, lora));
+                if !oft {
+                    keys.push(self.gemm_key(act, lora));
+                }
+            }
         }
         keys
     }
 }
 
-/// A quantized weight resident on the GPU, still packed, in any format.
+/// A quantized weight resident on the GPU, still packed, in any format: one slice of output
+/// rows per set of bindings, several when the weight is larger than one binding may be.
 #[derive(Debug)]
 pub struct GpuQuantWeight {
     pub out_features: usize,
     pub in_features: usize,
+    slices: Vec<RowSlice>,
+    /// The whole layer's bias (a single zero when it has none), for adapters' epilogues.
+    bias: wgpu::Buffer,
+}
+
+/// Output rows `[row_offset, row_offset + rows)` of a weight with their own bindings.
+#[derive(Debug)]
+struct RowSlice {
+    row_offset: usize,
+    rows: usize,
     shader: FormatShader,
     /// Bound from binding 1 on: the format's uniform (if any) and its storage buffers.
     format_bindings: Vec<(u32, wgpu::Buffer)>,
     bias: wgpu::Buffer,
     has_bias: bool,
     resident_bytes: usize,
+}
+
+fn bias_buffer(ctx: &GpuContext, bias: Option<&[f32]>) -> Result<wgpu::Buffer> {
+    let values = bias.map(<[f32]>::to_vec).unwrap_or_else(|| vec![0.0]);
+    storage_from_f32(ctx, "bias", &values)
 }
 
 impl GpuQuantWeight {
@@ -96,20 +129,26 @@ impl GpuQuantWeight {
                 "a {out_features}x{in_features} weight exceeds 32-bit indexing"
             )));
         }
-        let bias_values = bias.map(<[f32]>::to_vec).unwrap_or_else(|| vec![0.0]);
+        let bias_bytes = 4 * bias.map_or(1, <[f32]>::len);
         let resident_bytes = format_bindings
             .iter()
             .map(|(_, b)| b.size() as usize)
             .sum::<usize>()
-            + 4 * bias_values.len();
+            + bias_bytes;
+        let slice = RowSlice {
+            row_offset: 0,
+            rows: out_features,
+            shader,
+            format_bindings,
+            bias: bias_buffer(ctx, bias)?,
+            has_bias: bias.is_some(),
+            resident_bytes,
+        };
         Ok(Self {
             out_features,
             in_features,
-            shader,
-            format_bindings,
-            bias: storage_from_f32(ctx, "bias", &bias_values)?,
-            has_bias: bias.is_some(),
-            resident_bytes,
+            bias: slice.bias.clone(),
+            slices: vec![slice],
         })
     }
 
@@ -124,7 +163,12 @@ impl GpuQuantWeight {
 
     /// Bytes this layer keeps on the GPU (packed weight, its metadata, bias).
     pub fn resident_bytes(&self) -> usize {
-        self.resident_bytes
+        self.slices.iter().map(|s| s.resident_bytes).sum()
+    }
+
+    /// Row slices the weight is bound as (one unless it exceeds a binding).
+    pub fn slices(&self) -> usize {
+        self.slices.len()
     }
 
     /// The bias on the GPU (a single zero when the layer has none).
@@ -132,46 +176,23 @@ impl GpuQuantWeight {
         &self.bias
     }
 
-    fn params(&self, ctx: &GpuContext, m: usize) -> wgpu::Buffer {
-        uniform(
-            ctx,
-            "matmul params",
-            &MatmulParams {
-                m: m as u32,
-                n: self.out_features as u32,
-                k: self.in_features as u32,
-                has_bias: self.has_bias as u32,
-            },
-        )
-    }
-
-    fn bind_group(
-        &self,
-        ctx: &GpuContext,
-        pipeline: &wgpu::ComputePipeline,
-        params: &wgpu::Buffer,
-        tail: &[(u32, &wgpu::Buffer)],
-    ) -> wgpu::BindGroup {
-        let mut entries: Vec<(u32, &wgpu::Buffer)> = vec![(0, params)];
-        entries.extend(self.format_bindings.iter().map(|(i, b)| (*i, b)));
-        entries.extend_from_slice(tail);
-        bind(ctx, pipeline, &entries)
-    }
-
     /// The whole weight dequantized to f32 `[out, in]` in a new GPU buffer, for merges; the
     /// layer itself never keeps a dequantized copy.
     pub fn dequantize_buffer(&self, ctx: &GpuContext) -> Result<wgpu::Buffer> {
-        let numel = self.out_features * self.in_features;
-        let out = poisoned_f32(ctx, "dequantized", numel)?;
-        let pipeline = ctx.pipeline(&self.shader.dequant_key())?;
-        let params = self.params(ctx, 0);
-        let bind = self.bind_group(ctx, &pipeline, &params, &[(8, &out)]);
-        let dispatch = Dispatch::new(
-            pipeline,
-            bind,
-            grid((numel as u32).div_ceil(DEQUANT_WORKGROUP)),
-        );
-        Dispatch::run_all(ctx, &[&dispatch])?;
+        let out = poisoned_f32(ctx, "dequantized", self.out_features * self.in_features)?;
+        let mut launches = Vec::new();
+        for slice in &self.slices {
+            let pipeline = ctx.pipeline(&slice.shader.dequant_key())?;
+            let params = slice.params(ctx, 0, self.in_features, self.out_features);
+            let bind = slice.bind_group(ctx, &pipeline, &params, &[(8, &out)]);
+            let numel = (slice.rows * self.in_features) as u32;
+            launches.push(Dispatch::new(
+                pipeline,
+                bind,
+                grid(numel.div_ceil(DEQUANT_WORKGROUP)),
+            ));
+        }
+        Dispatch::run_all(ctx, &[&Dispatch::chain(launches)])?;
         Ok(out)
     }
 
@@ -206,6 +227,39 @@ impl GpuQuantWeight {
         y: &GpuTensor,
         path: MatmulPath,
     ) -> Result<Dispatch> {
+        self.prepare_fused(ctx, x, y, path, &Fused::default())
+    }
+
+    /// Whether the kernels can fuse an OFT prologue of block size `oft_block` and a LoRA
+    /// epilogue (`lora`) into a matmul on `path` within this device's binding limit.
+    pub fn can_fuse(
+        &self,
+        ctx: &GpuContext,
+        path: MatmulPath,
+        oft_block: Option<usize>,
+        lora: bool,
+    ) -> bool {
+        let oft_fits = oft_block
+            .is_none_or(|b| path == MatmulPath::Gemv && self.in_features.is_multiple_of(b));
+        let extra = extra_storage_bindings(oft_block.is_some(), lora);
+        let limit = ctx.limits().max_storage_buffers_per_shader_stage;
+        oft_fits
+            && self
+                .slices
+                .iter()
+                .all(|s| s.storage_bindings() + extra <= limit)
+    }
+
+    /// [`Self::prepare`] with adapter work fused into the launch: an OFT rotation of `x`
+    /// (GEMV only) and one LoRA / DoRA term added to `y`.
+    pub fn prepare_fused(
+        &self,
+        ctx: &GpuContext,
+        x: &GpuTensor,
+        y: &GpuTensor,
+        path: MatmulPath,
+        fused: &Fused,
+    ) -> Result<Dispatch> {
         check_io(x, y, self.in_features, self.out_features)?;
         if path == MatmulPath::Gemv && x.rows > GEMV_MAX_ROWS {
             return Err(Error::Unsupported(format!(
@@ -213,33 +267,90 @@ impl GpuQuantWeight {
                 x.rows
             )));
         }
-        let (key, groups) = match path {
-            MatmulPath::Gemv => (
-                self.shader.gemv_key(x.dtype),
-                grid(self.out_features as u32),
-            ),
-            MatmulPath::Tiled => (
-                self.shader.gemm_key(x.dtype),
-                (
-                    (self.out_features as u32).div_ceil(GEMM_TILE),
-                    (x.rows as u32).div_ceil(GEMM_TILE),
-                ),
-            ),
-        };
-        if groups.0 > 65535 || groups.1 > 65535 {
+        let oft_block = fused.oft.map(|o| o.block_size);
+        if !fused.is_empty() && !self.can_fuse(ctx, path, oft_block, fused.lora.is_some()) {
             return Err(Error::Unsupported(format!(
-                "a {}x{} tiled matmul exceeds the workgroup grid",
-                x.rows, self.out_features
+                "fusing {} into a {}-row matmul of a {}x{} layer on this device",
+                fused.describe(),
+                x.rows,
+                self.out_features,
+                self.in_features
             )));
         }
-        let pipeline = ctx.pipeline(&key)?;
-        let params = self.params(ctx, x.rows);
-        let bind = self.bind_group(
+        let fused_params = fused.uniform(ctx);
+        let mut launches = Vec::new();
+        for slice in &self.slices {
+            let (key, groups) = match path {
+                MatmulPath::Gemv => (
+                    slice
+                        .shader
+                        .gemv_key(x.dtype, fused.oft.is_some(), fused.lora.is_some()),
+                    grid(slice.rows.div_ceil(GEMV_ROWS_PER_WORKGROUP) as u32),
+                ),
+                MatmulPath::Tiled => (
+                    slice.shader.gemm_key(x.dtype, fused.lora.is_some()),
+                    (
+                        (slice.rows as u32).div_ceil(GEMM_TILE),
+                        (x.rows as u32).div_ceil(GEMM_TILE),
+                    ),
+                ),
+            };
+            if groups.0 > 65535 || groups.1 > 65535 {
+                return Err(Error::Unsupported(format!(
+                    "a {}x{} tiled matmul exceeds the workgroup grid",
+                    x.rows, slice.rows
+                )));
+            }
+            let pipeline = ctx.pipeline(&key)?;
+            let params = slice.params(ctx, x.rows, self.in_features, self.out_features);
+            let mut tail = vec![(6, &x.buffer), (7, &slice.bias), (8, &y.buffer)];
+            if !fused.is_empty() {
+                tail.extend(fused.bindings(&fused_params));
+            }
+            let bind = slice.bind_group(ctx, &pipeline, &params, &tail);
+            launches.push(Dispatch::new(pipeline, bind, groups));
+        }
+        Ok(Dispatch::chain(launches))
+    }
+}
+
+impl RowSlice {
+    fn params(&self, ctx: &GpuContext, m: usize, k: usize, y_cols: usize) -> wgpu::Buffer {
+        uniform(
             ctx,
-            &pipeline,
-            &params,
-            &[(6, &x.buffer), (7, &self.bias), (8, &y.buffer)],
-        );
-        Ok(Dispatch::new(pipeline, bind, groups))
+            "matmul params",
+            &MatmulParams {
+                m: m as u32,
+                n: self.rows as u32,
+                k: k as u32,
+                has_bias: self.has_bias as u32,
+                n_offset: self.row_offset as u32,
+                y_cols: y_cols as u32,
+                pad: [0; 2],
+            },
+        )
+    }
+
+    fn bind_group(
+        &self,
+        ctx: &GpuContext,
+        pipeline: &wgpu::ComputePipeline,
+        params: &wgpu::Buffer,
+        tail: &[(u32, &wgpu::Buffer)],
+    ) -> wgpu::BindGroup {
+        let mut entries: Vec<(u32, &wgpu::Buffer)> = vec![(0, params)];
+        entries.extend(self.format_bindings.iter().map(|(i, b)| (*i, b)));
+        entries.extend_from_slice(tail);
+        bind(ctx, pipeline, &entries)
+    }
+
+    /// Storage buffers a launch on this slice binds: the format's, x, bias and y.
+    fn storage_bindings(&self) -> u32 {
+        let format = self
+            .format_bindings
+            .iter()
+            .filter(|(_, b)| b.usage().contains(wgpu::BufferUsages::STORAGE))
+            .count() as u32;
+        format + 3
     }
 }

@@ -1,0 +1,63 @@
+// What a quantized matmul can fuse around itself, switched on by flags:
+//   OFT_PROLOGUE: x is rotated by one OFT adapter's block-diagonal R on the way in (row-vector
+//     convention, as `oft_rotate.wgsl`), rounded to Act as PEFT casts the rotated input back.
+//   LORA_EPILOGUE: one LoRA / DoRA adapter's term s·(h·Bᵀ), with h = x·Aᵀ from `lora.wgsl`'s
+//     shrink, is added to the output before its single write (as `lora.wgsl`'s expand does).
+// FUSED is on whenever either is.
+#ifdef FUSED
+struct FusedParams {
+    oft_b: u32,
+    // Distinct blocks stored (1 when shared).
+    oft_stored_blocks: u32,
+    lora_r: u32,
+    lora_scaling: f32,
+    lora_dora: u32,
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
+}
+
+@group(0) @binding(9) var<uniform> fused: FusedParams;
+
+#ifdef OFT_PROLOGUE
+@group(0) @binding(10) var<storage, read> oft_blocks: array<f32>;
+
+// Element k of row `row` of x·blockdiag(R), rounded to Act.
+fn rotated_x(row: u32, k: u32) -> f32 {
+    let b = fused.oft_b;
+    let block = k / b;
+    let c = k % b;
+    let stored = min(block, fused.oft_stored_blocks - 1u);
+    let r0 = stored * b * b;
+    let x0 = row * p.k + block * b;
+    var acc = 0.0;
+    for (var j = 0u; j < b; j++) {
+        acc += f32(x[x0 + j]) * oft_blocks[r0 + j * b + c];
+    }
+    return f32(Act(acc));
+}
+#endif
+
+#ifdef LORA_EPILOGUE
+#include "common/elementwise.wgsl"
+
+@group(0) @binding(11) var<storage, read> lora_h: array<f32>;
+@group(0) @binding(12) var<storage, read> lora_b: array<f32>;
+@group(0) @binding(13) var<storage, read> dora_scale: array<f32>;
+
+// The output at (row, col) from the base result `out` (bias included): the base is rounded to
+// Act first, as PEFT adds the adapter to the base layer's output in the activation dtype.
+fn lora_epilogue(row: u32, col: u32, out: f32, bias_value: f32) -> f32 {
+    let base = f32(Act(out));
+    let r = fused.lora_r;
+    var acc = 0.0;
+    for (var j = 0u; j < r; j++) {
+        acc += lora_h[row * r + j] * lora_b[col * r + j];
+    }
+    if (fused.lora_dora == 1u) {
+        return dora_output(base, bias_value, dora_scale[col], fused.lora_scaling, acc);
+    }
+    return base + fused.lora_scaling * acc;
+}
+#endif
+#endif

@@ -1,0 +1,122 @@
+//! Adapter work a quantized matmul launch does around the base product
+//! (`shaders/common/fused_ops.wgsl`): an OFT rotation of x as the GEMV's prologue and one LoRA /
+//! DoRA term as the epilogue of the GEMV or the tiled GEMM. The separate launches of
+//! `kernels::{oft, lora}` stay the reference the fused paths are tested against.
+
+use crate::gpu::GpuContext;
+use crate::gpu::buffers::uniform;
+use crate::gpu::shaders::ShaderKey;
+
+/// Mirrors `FusedParams` in `shaders/common/fused_ops.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct FusedParams {
+    oft_b: u32,
+    oft_stored_blocks: u32,
+    lora_r: u32,
+    lora_scaling: f32,
+    lora_dora: u32,
+    pad: [u32; 3],
+}
+
+/// One OFT adapter's rotation, applied to x inside the GEMV.
+#[derive(Clone, Copy, Debug)]
+pub struct OftPrologue<'a> {
+    /// The distinct `b x b` blocks, row-major (one when shared).
+    pub blocks: &'a wgpu::Buffer,
+    pub block_size: usize,
+    pub stored_blocks: usize,
+}
+
+/// One LoRA / DoRA adapter's term, added to the matmul's output before it is written.
+#[derive(Clone, Copy, Debug)]
+pub struct LoraEpilogue<'a> {
+    /// `x · Aᵀ`, `[m, rank]` f32, from the adapter's shrink launch.
+    pub h: &'a wgpu::Buffer,
+    /// `[out, rank]`.
+    pub b: &'a wgpu::Buffer,
+    pub dora_scale: Option<&'a wgpu::Buffer>,
+    pub rank: usize,
+    pub scaling: f32,
+}
+
+/// What one matmul launch fuses; the default fuses nothing.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Fused<'a> {
+    pub oft: Option<OftPrologue<'a>>,
+    pub lora: Option<LoraEpilogue<'a>>,
+}
+
+impl Fused<'_> {
+    pub fn is_empty(&self) -> bool {
+        self.oft.is_none() && self.lora.is_none()
+    }
+
+    /// What is fused, for messages.
+    pub fn describe(&self) -> &'static str {
+        match (self.oft.is_some(), self.lora.is_some()) {
+            (true, true) => "an OFT prologue and a LoRA epilogue",
+            (true, false) => "an OFT prologue",
+            (false, true) => "a LoRA epilogue",
+            (false, false) => "nothing",
+        }
+    }
+
+    /// The fused operations' parameters, bound at 9.
+    pub(crate) fn uniform(&self, ctx: &GpuContext) -> wgpu::Buffer {
+        let mut params = FusedParams::default();
+        if let Some(oft) = &self.oft {
+            params.oft_b = oft.block_size as u32;
+            params.oft_stored_blocks = oft.stored_blocks as u32;
+        }
+        if let Some(lora) = &self.lora {
+            params.lora_r = lora.rank as u32;
+            params.lora_scaling = lora.scaling;
+            params.lora_dora = lora.dora_scale.is_some() as u32;
+        }
+        uniform(ctx, "fused params", &params)
+    }
+
+    /// Every buffer to bind next to the matmul's own, `params` from [`Self::uniform`].
+    pub(crate) fn bindings<'b>(&'b self, params: &'b wgpu::Buffer) -> Vec<(u32, &'b wgpu::Buffer)> {
+        let mut entries = vec![(9, params)];
+        if let Some(oft) = &self.oft {
+            entries.push((10, oft.blocks));
+        }
+        if let Some(lora) = &self.lora {
+            entries.push((11, lora.h));
+            entries.push((12, lora.b));
+            // Without DoRA the scale is never read; B stands in for it.
+            entries.push((13, lora.dora_scale.unwrap_or(lora.b)));
+        }
+        entries
+    }
+}
+
+/// Storage buffers an OFT prologue and a LoRA epilogue add to a matmul launch.
+pub fn extra_storage_bindings(oft: bool, lora: bool) -> u32 {
+    oft as u32 + 3 * lora as u32
+}
+
+/// `key` with the flags that switch an OFT prologue and a LoRA epilogue on.
+pub(crate) fn with_fused_flags(key: ShaderKey, oft: bool, lora: bool) -> ShaderKey {
+    key.flag("FUSED", oft || lora)
+        .flag("OFT_PROLOGUE", oft)
+        .flag("LORA_EPILOGUE", lora)
+}
+
+/// Measured on an H100 through wgpu/Vulkan (BENCHMARKS.md, wgpu-notes 5.2): what one more launch
+/// costs, the streaming-read bandwidth and the f32 multiply-add rate the cost model weighs.
+const LAUNCH_SECONDS: f64 = 2.0e-6;
+const READ_BYTES_PER_SECOND: f64 = 3.0e12;
+const FMA_PER_SECOND: f64 = 18.0e12;
+
+/// Whether rotating x inside every GEMV workgroup costs less than a launch of its own: each of
+/// `workgroups` re-reads the blocks it needs and redoes `m·k·b` multiply-adds, where the separate
+/// launch does them once.
+pub fn oft_prologue_pays(workgroups: usize, m: usize, k: usize, b: usize, shared: bool) -> bool {
+    let block_bytes = if shared { b * b * 4 } else { k * b * 4 };
+    let extra_bytes = (workgroups.saturating_sub(1) * block_bytes) as f64;
+    let extra_fma = (workgroups.saturating_sub(1) * m * k * b) as f64;
+    extra_bytes / READ_BYTES_PER_SECOND + extra_fma / FMA_PER_SECOND < LAUNCH_SECONDS
+}

@@ -1,0 +1,196 @@
+//! The fused paths (OFT rotation as the GEMV's prologue, LoRA / DoRA as the matmul's epilogue)
+//! against the separate launches they replace and against the CPU layer, for every format.
+
+mod common;
+
+use common::{gpu, random_matrix};
+use quantadapt::adapters::Adapter;
+use quantadapt::adapters::lora::LoraAdapter;
+use quantadapt::adapters::oft::{OftAdapter, Parameterization};
+use quantadapt::formats::QuantWeight;
+use quantadapt::formats::eetq::EetqWeight;
+use quantadapt::formats::gptq::{GptqConfig, GptqWeight, GptqZeros};
+use quantadapt::formats::hqq::{HqqConfig, HqqWeight};
+use quantadapt::gpu::{ActDtype, GpuTensor};
+use quantadapt::kernels::fused::oft_prologue_pays;
+use quantadapt::layer::{Backend, Fusion, QuantLinear};
+use quantadapt::tensor::max_rel_error;
+
+const IN: usize = 320;
+const OUT: usize = 70;
+
+fn bases() -> Vec<(&'static str, QuantWeight)> {
+    let w = || random_matrix(OUT, IN, 0.1);
+    let bias = || Some(random_matrix(1, OUT, 0.2).data);
+    let mut gptq = GptqWeight::quantize_rtn(
+        &w(),
+        GptqConfig {
+            bits: 4,
+            group_size: Some(64),
+            sym: false,
+            desc_act: false,
+            zeros: GptqZeros::V2,
+        },
+        None,
+    )
+    .unwrap();
+    gptq.bias = bias();
+    let mut eetq = EetqWeight::quantize(&w()).unwrap();
+    eetq.bias = bias();
+    vec![
+        (
+            "hqq4",
+            QuantWeight::Hqq(HqqWeight::quantize(&w(), bias(), &HqqConfig::new(4, 64, 1)).unwrap()),
+        ),
+        ("gptq4", QuantWeight::Gptq(gptq)),
+        ("eetq", QuantWeight::Eetq(eetq)),
+    ]
+}
+
+fn oft(name: &str, b: usize, shared: bool) -> Adapter {
+    let blocks = if shared { 1 } else { IN / b };
+    Adapter::Oft(
+        OftAdapter::from_params(
+            name,
+            IN,
+            random_matrix(blocks, b * (b - 1) / 2, 0.05),
+            Parameterization::Cayley,
+            None,
+            shared,
+        )
+        .unwrap(),
+    )
+}
+
+fn lora(name: &str, rank: usize, dora: bool) -> Adapter {
+    let magnitude = dora.then(|| {
+        random_matrix(1, OUT, 1.0)
+            .data
+            .iter()
+            .map(|v| v.abs() + 0.5)
+            .collect()
+    });
+    Adapter::Lora(
+        LoraAdapter::from_matrices(
+            name,
+            IN,
+            OUT,
+            random_matrix(rank, IN, 0.1),
+            random_matrix(OUT, rank, 0.1),
+            1.5,
+            magnitude,
+        )
+        .unwrap(),
+    )
+}
+
+/// The adapter sets each base runs with, by name.
+fn adapter_sets() -> Vec<(&'static str, Vec<Adapter>)> {
+    vec![
+        ("oft", vec![oft("o", 32, false)]),
+        ("shared oft", vec![oft("o", 16, true)]),
+        ("lora", vec![lora("l", 8, false)]),
+        ("dora", vec![lora("l", 4, true)]),
+        (
+            "oft + lora",
+            vec![oft("o", 10, false), lora("l", 16, false)],
+        ),
+        (
+            "two of each",
+            vec![
+                oft("o1", 32, false),
+                oft("o2", 8, false),
+                lora("l1", 8, true),
+                lora("l2", 2, false),
+            ],
+        ),
+    ]
+}
+
+fn layer(base: &QuantWeight, adapters: &[Adapter], backend: Backend) -> QuantLinear {
+    let mut layer = QuantLinear::new(base.clone(), backend).unwrap();
+    for a in adapters {
+        layer.add_adapter(a.clone()).unwrap();
+    }
+    let names: Vec<&str> = adapters.iter().map(Adapter::name).collect();
+    layer.set_active(&names).unwrap();
+    layer
+}
+
+#[test]
+fn fused_paths_equal_the_separate_launches_and_the_cpu() {
+    let ctx = gpu();
+    let mut acts = vec![ActDtype::F32];
+    if ctx.has_f16() {
+        acts.push(ActDtype::F16);
+    }
+    for (format, base) in bases() {
+        for (set, adapters) in adapter_sets() {
+            let cpu = layer(&base, &adapters, Backend::Cpu);
+            let mut gpu_layer = layer(&base, &adapters, Backend::Gpu(Box::new(ctx.clone())));
+            for rows in [1, 8, 19] {
+                let x = random_matrix(rows, IN, 1.0);
+                let expected = cpu.forward(&x).unwrap();
+                for &act in &acts {
+                    let xg = GpuTensor::upload(ctx, &x, act).unwrap();
+                    let case = format!("{format} {set} rows={rows} {act:?}");
+                    gpu_layer.set_fusion(Fusion::Off);
+                    let separate = gpu_layer.forward_gpu(&xg).unwrap().download(ctx).unwrap();
+                    gpu_layer.set_fusion(Fusion::Always);
+                    let fused = gpu_layer.forward_gpu(&xg).unwrap().download(ctx).unwrap();
+                    assert!(
+                        fused.data.iter().all(|v| v.is_finite()),
+                        "{case}: unwritten"
+                    );
+                    // Same sums in the same order: the fused kernels round where PEFT does.
+                    let err = max_rel_error(&fused.data, &separate.data);
+                    assert!(err <= 1e-6, "{case}: fused vs separate {err}");
+                    let tol = if act == ActDtype::F16 { 2e-2 } else { 1e-4 };
+                    let err = max_rel_error(&fused.data, &expected.data);
+                    assert!(err <= tol, "{case}: fused vs CPU {err}");
+                }
+            }
+        }
+    }
+}
+
+fn launches(layer: &QuantLinear, rows: usize) -> usize {
+    let ctx = gpu();
+    let x = GpuTensor::upload(ctx, &random_matrix(rows, IN, 1.0), ActDtype::F32).unwrap();
+    let y = GpuTensor::poisoned(ctx, rows, OUT, ActDtype::F32).unwrap();
+    layer.prepare_forward(&x, &y).unwrap().len()
+}
+
+#[test]
+fn fusion_removes_the_adapter_launches_it_replaces() {
+    let (_, base) = bases().remove(0);
+    let adapters = [oft("o", 32, false), lora("l", 8, false)];
+    let mut layer = layer(&base, &adapters, Backend::Gpu(Box::new(gpu().clone())));
+    layer.set_fusion(Fusion::Off);
+    // rotate, matmul, shrink, expand
+    assert_eq!(launches(&layer, 1), 4);
+    assert_eq!(launches(&layer, 19), 4);
+    layer.set_fusion(Fusion::Always);
+    // shrink, matmul with both fused
+    assert_eq!(launches(&layer, 1), 2);
+    // the tiled GEMM takes the LoRA epilogue only: rotate, shrink, matmul
+    assert_eq!(launches(&layer, 19), 3);
+}
+
+#[test]
+fn auto_fuses_the_rotation_only_where_the_cost_model_says_it_pays() {
+    // A small layer: a few workgroups re-read a few kilobytes.
+    assert!(oft_prologue_pays(18, 1, 320, 16, true));
+    // 4096x4096 with b = 32: 1024 workgroups would each re-read 512 KB of blocks.
+    assert!(!oft_prologue_pays(1024, 1, 4096, 32, false));
+    let (_, base) = bases().remove(0);
+    let layer = layer(
+        &base,
+        &[oft("o", 16, true)],
+        Backend::Gpu(Box::new(gpu().clone())),
+    );
+    assert_eq!(layer.fusion(), Fusion::Auto);
+    assert_eq!(launches(&layer, 1), 1);
+    // The GEMM has no OFT prologue.
+    assert_eq!(launches(&layer, 19), 2);
+}
