@@ -8,8 +8,8 @@ use std::process::Command;
 use approx::assert_relative_eq;
 use common::{gpu, random_matrix};
 use quantadapt::bench::{
-    self, BARE_LAYER, DENSE_F16, Entry, FMA_PEAK, LORA_LAYER, MERGE_UNMERGE, MIXED_MANY, MIXED_ONE,
-    OFT_LAYER, Plan, REQUANTIZE, Report, STREAM_READ, Scale, Timing, Verdict,
+    self, BARE_LAYER, DENSE_F16, Entry, FMA_PEAK, MERGE_UNMERGE, MIXED_MANY, MIXED_ONE, Plan,
+    REQUANTIZE, Report, STREAM_READ, Scale, Timing, Verdict, lora_layer, oft_layer,
 };
 use quantadapt::gpu::timing::{Trials, time_runs};
 use quantadapt::gpu::{ActDtype, GpuTensor};
@@ -17,6 +17,7 @@ use quantadapt::kernels::dense::{GpuDenseWeight, dense_f16_cpu};
 use quantadapt::kernels::fma::{GpuFmaPeak, fma_peak_cpu};
 use quantadapt::kernels::stream::{GpuStreamRead, stream_read_cpu};
 use quantadapt::kernels::{Dispatch, MatmulPath};
+use quantadapt::layer::Fusion;
 use quantadapt::tensor::max_rel_error;
 use quantadapt::{Error, Matrix};
 use rand::Rng;
@@ -209,13 +210,24 @@ fn tiny_suite_measures_every_item_with_ratios_from_the_same_run() {
     for &m in &plan.layer_rows {
         let bare = find(&report, BARE_LAYER, shape, m);
         assert_eq!(bare.ratio_to_baseline, None);
-        for (name, launches) in [(OFT_LAYER, 2), (LORA_LAYER, 3)] {
-            let e = find(&report, name, shape, m);
-            assert_eq!(e.dispatches, launches, "{name}");
-            assert_relative_eq!(e.ratio_to_baseline.unwrap(), e.us / bare.us);
+        // Unfused: a rotation before the matmul; a shrink and an expand after it.
+        for (name, unfused_launches) in [(oft_layer as fn(Fusion) -> String, 2), (lora_layer, 3)] {
+            let off = find(&report, &name(Fusion::Off), shape, m);
+            assert_eq!(off.launches, unfused_launches, "{}", off.name);
+            let auto = find(&report, &name(Fusion::Auto), shape, m);
+            let always = find(&report, &name(Fusion::Always), shape, m);
+            assert!(always.launches <= auto.launches && auto.launches <= off.launches);
+            for e in [off, auto, always] {
+                assert_relative_eq!(e.ratio_to_baseline.unwrap(), e.us / bare.us);
+            }
         }
+        let lora_fused = find(&report, &lora_layer(Fusion::Always), shape, m);
+        assert_eq!(
+            lora_fused.launches, 2,
+            "the expand is the matmul's epilogue"
+        );
     }
-    let single = find(&report, LORA_LAYER, shape, 16);
+    let single = find(&report, &lora_layer(Fusion::Auto), shape, 16);
     for name in [MIXED_MANY, MIXED_ONE] {
         let e = find(&report, name, shape, 16);
         assert_relative_eq!(e.ratio_to_baseline.unwrap(), e.us / single.us);

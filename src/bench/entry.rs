@@ -39,7 +39,7 @@ pub struct Entry {
     pub in_features: usize,
     pub m: usize,
     /// Kernel launches per run (0 for wall-clock items, which do not count them).
-    pub dispatches: usize,
+    pub launches: usize,
     pub timing: Timing,
     /// Copies of the data that rotated, and runs recorded back to back per trial (1 and 1 for
     /// wall-clock items).
@@ -72,7 +72,7 @@ pub struct Item {
     pub name: String,
     pub shape: (usize, usize),
     pub m: usize,
-    pub dispatches: usize,
+    pub launches: usize,
     pub bytes: f64,
     pub flops: f64,
     pub resident_bytes: usize,
@@ -87,7 +87,7 @@ impl Item {
             name: name.into(),
             shape,
             m,
-            dispatches: 1,
+            launches: 1,
             bytes: 0.0,
             flops: 0.0,
             resident_bytes: 0,
@@ -106,7 +106,7 @@ impl Item {
 
     /// The entry for a wall-clock time.
     pub fn wall_clock(mut self, us: f64) -> Entry {
-        self.dispatches = 0;
+        self.launches = 0;
         self.entry(Timing::WallClock, us, (1, 1))
     }
 
@@ -118,7 +118,7 @@ impl Item {
             out_features: self.shape.0,
             in_features: self.shape.1,
             m: self.m,
-            dispatches: self.dispatches,
+            launches: self.launches,
             timing,
             copies,
             runs_per_trial,

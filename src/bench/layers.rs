@@ -1,5 +1,6 @@
-//! Whole `QuantLinear` forwards on the GPU: the bare 4-bit HQQ layer, with an OFT adapter
-//! (b = 32) and with a LoRA adapter (r = 16), over rotated copies of the layer.
+//! Whole `QuantLinear` forwards on the GPU: the bare 4-bit HQQ layer, and the layer with an OFT
+//! adapter (b = 32) or a LoRA adapter (r = 16) under each fusion mode, over rotated copies of
+//! the layer.
 
 use crate::adapters::Adapter;
 use crate::adapters::lora::LoraAdapter;
@@ -7,17 +8,33 @@ use crate::adapters::oft::{OftAdapter, Parameterization};
 use crate::bench::base::hqq_min_max;
 use crate::bench::entry::{Entry, Group, Item, f32_bytes};
 use crate::bench::plan::{LORA_RANK, OFT_BLOCK, Plan};
-use crate::bench::rotate::{build_copies, time_rotated};
+use crate::bench::rotate::{build_copies, launches, time_rotated};
 use crate::error::Result;
 use crate::formats::QuantWeight;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
 use crate::kernels::quant::GpuQuantWeight;
-use crate::layer::{Backend, QuantLinear};
+use crate::layer::{Backend, Fusion, QuantLinear};
 use crate::tensor::Matrix;
 
 pub const BARE_LAYER: &str = "layer hqq4";
-pub const OFT_LAYER: &str = "layer hqq4 + oft b32";
-pub const LORA_LAYER: &str = "layer hqq4 + lora r16";
+
+fn fusion_name(fusion: Fusion) -> &'static str {
+    match fusion {
+        Fusion::Off => "off",
+        Fusion::Auto => "auto",
+        Fusion::Always => "always",
+    }
+}
+
+/// The name of the layer with an OFT adapter under `fusion`.
+pub fn oft_layer(fusion: Fusion) -> String {
+    format!("{BARE_LAYER} + oft b32, fusion {}", fusion_name(fusion))
+}
+
+/// The name of the layer with a LoRA adapter under `fusion`.
+pub fn lora_layer(fusion: Fusion) -> String {
+    format!("{BARE_LAYER} + lora r16, fusion {}", fusion_name(fusion))
+}
 
 /// What adapters add to a forward of `m` rows: resident bytes, bytes moved, FLOPs.
 #[derive(Clone, Copy, Debug, Default)]
@@ -98,12 +115,22 @@ enum Variant {
     Lora,
 }
 
+const FUSIONS: [Fusion; 3] = [Fusion::Off, Fusion::Auto, Fusion::Always];
+
 impl Variant {
-    fn name(self) -> &'static str {
+    fn name(self, fusion: Fusion) -> String {
         match self {
-            Self::Bare => BARE_LAYER,
-            Self::Oft => OFT_LAYER,
-            Self::Lora => LORA_LAYER,
+            Self::Bare => BARE_LAYER.to_string(),
+            Self::Oft => oft_layer(fusion),
+            Self::Lora => lora_layer(fusion),
+        }
+    }
+
+    /// The fusion modes worth timing: the bare layer has nothing to fuse.
+    fn fusions(self) -> &'static [Fusion] {
+        match self {
+            Self::Bare => &[Fusion::Auto],
+            Self::Oft | Self::Lora => &FUSIONS,
         }
     }
 
@@ -140,24 +167,28 @@ pub fn layers(
         let adapters = variant.adapters(shape)?;
         let resident = base_resident + variant.cost(1, shape).resident;
         let copies = plan.copies(resident + (f32_bytes(1, inp) + f32_bytes(1, out)) as usize);
-        let layers = build_copies(copies, || gpu_layer(ctx, &base, &adapters))?;
-        for &m in &plan.layer_rows {
-            let mut runs = Vec::with_capacity(layers.len());
-            for layer in &layers {
-                let x = GpuTensor::upload(ctx, &Matrix::random(m, inp, 1.0), ActDtype::F32)?;
-                let y = GpuTensor::poisoned(ctx, m, out, ActDtype::F32)?;
-                runs.push(layer.prepare_forward(&x, &y)?);
+        let mut layers = build_copies(copies, || gpu_layer(ctx, &base, &adapters))?;
+        for &fusion in variant.fusions() {
+            layers.iter_mut().for_each(|l| l.set_fusion(fusion));
+            for &m in &plan.layer_rows {
+                let mut runs = Vec::with_capacity(layers.len());
+                for layer in &layers {
+                    let x = GpuTensor::upload(ctx, &Matrix::random(m, inp, 1.0), ActDtype::F32)?;
+                    let y = GpuTensor::poisoned(ctx, m, out, ActDtype::F32)?;
+                    runs.push(layer.prepare_forward(&x, &y)?);
+                }
+                let extra = variant.cost(m, shape);
+                let mut item = Item::new(Group::Layer, variant.name(fusion), shape, m);
+                item.launches = launches(&runs[0]);
+                item.bytes =
+                    base_resident as f64 + f32_bytes(m, inp) + f32_bytes(m, out) + extra.bytes;
+                item.flops = 2.0 * (m * out * inp) as f64 + extra.flops;
+                item.resident_bytes = resident;
+                item.baseline = (variant != Variant::Bare).then(|| BARE_LAYER.to_string());
+                let entry = item.timed(time_rotated(ctx, plan, &runs)?);
+                on_entry(&entry);
+                entries.push(entry);
             }
-            let extra = variant.cost(m, shape);
-            let mut item = Item::new(Group::Layer, variant.name(), shape, m);
-            item.dispatches = runs[0].len();
-            item.bytes = base_resident as f64 + f32_bytes(m, inp) + f32_bytes(m, out) + extra.bytes;
-            item.flops = 2.0 * (m * out * inp) as f64 + extra.flops;
-            item.resident_bytes = resident;
-            item.baseline = (variant != Variant::Bare).then(|| BARE_LAYER.to_string());
-            let entry = item.timed(time_rotated(ctx, plan, &runs)?);
-            on_entry(&entry);
-            entries.push(entry);
         }
     }
     Ok(entries)

@@ -3,7 +3,7 @@
 
 use crate::bench::entry::{Entry, Group, Item, f32_bytes};
 use crate::bench::plan::Plan;
-use crate::bench::rotate::{build_copies, time_rotated};
+use crate::bench::rotate::{build_copies, launches, time_rotated};
 use crate::error::Result;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
 use crate::kernels::dense::GpuDenseWeight;
@@ -83,6 +83,7 @@ pub fn time_matmul<W: GpuMatmul>(
             runs.push(vec![w.prepare_matmul(ctx, &x, &y, path)?]);
         }
         let mut item = Item::new(group, name, shape, m);
+        item.launches = launches(&runs[0]);
         item.bytes = resident as f64 + f32_bytes(m, inp) + f32_bytes(m, out);
         item.flops = 2.0 * (m * out * inp) as f64;
         item.resident_bytes = resident;

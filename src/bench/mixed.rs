@@ -3,20 +3,21 @@
 
 use crate::bench::base::hqq_min_max;
 use crate::bench::entry::{Entry, Group, Item, f32_bytes};
-use crate::bench::layers::{AdapterCost, LORA_LAYER, gpu_layer, lora_adapter};
+use crate::bench::layers::{AdapterCost, gpu_layer, lora_adapter, lora_layer};
 use crate::bench::plan::{MIXED_ROWS, Plan};
-use crate::bench::rotate::{build_copies, time_rotated};
+use crate::bench::rotate::{build_copies, launches, time_rotated};
 use crate::error::Result;
 use crate::formats::QuantWeight;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
 use crate::kernels::quant::GpuQuantWeight;
+use crate::layer::Fusion;
 use crate::tensor::Matrix;
 
 pub const MIXED_MANY: &str = "mixed batch, 16 lora r16 adapters";
 pub const MIXED_ONE: &str = "mixed batch, 1 lora r16 adapter";
 
 /// Both mixed batches over a 4-bit HQQ quantization of `weight`; their baseline is the plain
-/// forward with one LoRA adapter at the same M ([`LORA_LAYER`]).
+/// forward with one LoRA adapter at the same M, as a layer runs it by default (fusion auto).
 pub fn mixed_batches(
     ctx: &GpuContext,
     plan: &Plan,
@@ -46,13 +47,13 @@ pub fn mixed_batches(
         }
         let extra = AdapterCost::lora(m, shape, used);
         let mut item = Item::new(Group::Mixed, name, shape, m);
-        item.dispatches = runs[0].len();
+        item.launches = launches(&runs[0]);
         // The rotate launch copies x for rows without OFT: written and read back.
         item.bytes =
             base_resident as f64 + 3.0 * f32_bytes(m, inp) + f32_bytes(m, out) + extra.bytes;
         item.flops = 2.0 * (m * out * inp) as f64 + extra.flops;
         item.resident_bytes = resident;
-        item.baseline = Some(LORA_LAYER.to_string());
+        item.baseline = Some(lora_layer(Fusion::Auto));
         let entry = item.timed(time_rotated(ctx, plan, &runs)?);
         on_entry(&entry);
         entries.push(entry);

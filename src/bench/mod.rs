@@ -20,7 +20,7 @@ mod yardsticks;
 use std::time::SystemTime;
 
 pub use entry::{DENSE_F16, Entry, Group, Timing};
-pub use layers::{BARE_LAYER, LORA_LAYER, OFT_LAYER};
+pub use layers::{BARE_LAYER, lora_layer, oft_layer};
 pub use merge::{MERGE_UNMERGE, REQUANTIZE};
 pub use mixed::{MIXED_MANY, MIXED_ONE};
 pub use plan::{Plan, Scale};

@@ -57,7 +57,7 @@ fn megabytes(bytes: usize) -> String {
 
 fn launches(e: &Entry) -> String {
     match e.timing {
-        Timing::GpuTimestamps => e.dispatches.to_string(),
+        Timing::GpuTimestamps => e.launches.to_string(),
         Timing::WallClock => "wall clock".to_string(),
     }
 }

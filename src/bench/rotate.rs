@@ -65,6 +65,11 @@ pub fn wall_clock(trials: usize, mut run: impl FnMut() -> Result<()>) -> Result<
     Ok(median(&times))
 }
 
+/// Kernel launches a run records.
+pub fn launches(run: &[Dispatch]) -> usize {
+    run.iter().map(Dispatch::launches).sum()
+}
+
 /// `count` copies of what `build` makes.
 pub fn build_copies<T>(count: usize, mut build: impl FnMut() -> Result<T>) -> Result<Vec<T>> {
     (0..count).map(|_| build()).collect()
