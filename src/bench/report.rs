@@ -147,20 +147,26 @@ impl Report {
         text_table(&headers, &rows) + &self.baselines_note()
     }
 
-    /// Which item each "/ baseline" ratio divides by.
+    /// Which item each "/ baseline" ratio divides by, one line per baseline.
     fn baselines_note(&self) -> String {
-        let mut pairs: Vec<(&str, &str)> = Vec::new();
+        let mut groups: Vec<(&str, Vec<&str>)> = Vec::new();
         for e in &self.entries {
-            if let Some(b) = &e.baseline {
-                if !pairs.contains(&(e.name.as_str(), b.as_str())) {
-                    pairs.push((&e.name, b));
-                }
+            let Some(base) = e.baseline.as_deref() else {
+                continue;
+            };
+            match groups.iter_mut().find(|(b, _)| *b == base) {
+                Some((_, items)) if items.contains(&e.name.as_str()) => {}
+                Some((_, items)) => items.push(&e.name),
+                None => groups.push((base, vec![&e.name])),
             }
         }
-        pairs
+        groups
             .iter()
-            .map(|(item, base)| {
-                format!("\"/ baseline\" of {item}: its time over {base} at the same shape and M\n")
+            .map(|(base, items)| {
+                format!(
+                    "\"/ baseline\" is the time over {base} at the same shape and M for: {}\n",
+                    items.join("; ")
+                )
             })
             .collect()
     }
@@ -230,7 +236,7 @@ impl Report {
             })
             .collect();
         let mut out = format!(
-            "Device: {}\nDate: {}\nCommand: `{}`\nScale: {}; streaming read {:.2} GB/s, f32 FMA {:.2} GFLOP/s\n\n",
+            "- device: {}\n- date: {}\n- command: `{}`\n- scale: {}; yardsticks: streaming read {:.2} GB/s, f32 FMA {:.2} GFLOP/s\n\n",
             self.device,
             self.date,
             self.command,

@@ -15,10 +15,13 @@ use crate::tensor::Matrix;
 pub const STREAM_READ: &str = "stream read";
 pub const FMA_PEAK: &str = "f32 FMA peak";
 
-/// One read of `plan.stream_bytes` (a buffer big enough to rotate by itself).
+/// One read of `plan.stream_bytes` (a buffer big enough to rotate by itself), or of as much as
+/// one binding of the device holds.
 pub fn stream_read(ctx: &GpuContext, plan: &Plan) -> Result<Entry> {
+    let binding = ctx.limits().max_storage_buffer_binding_size as usize;
+    let bytes = plan.stream_bytes.min(binding / 16 * 16);
     // Distinct words, so nothing could compress or deduplicate the buffer.
-    let words: Vec<u32> = (0..plan.stream_bytes / 4)
+    let words: Vec<u32> = (0..bytes / 4)
         .map(|i| (i as u32).wrapping_mul(0x9e37_79b9))
         .collect();
     let stream = GpuStreamRead::upload(ctx, &words)?;
