@@ -2,6 +2,7 @@
 //! on any GPU through wgpu + WGSL, with a CPU reference for every kernel.
 
 pub mod adapters;
+pub mod bench;
 pub mod error;
 pub mod formats;
 pub mod io;

@@ -1,4 +1,4 @@
-//! The `quantadapt` command: demo, info, verify-golden.
+//! The `quantadapt` command: demo, info, verify-golden, run, bench.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use quantadapt::adapters::Adapter;
 use quantadapt::adapters::lora::LoraAdapter;
 use quantadapt::adapters::oft::{OftAdapter, Parameterization};
+use quantadapt::bench::{Plan, Scale, write_svg};
 use quantadapt::formats::QuantFormat;
 use quantadapt::formats::QuantWeight;
 use quantadapt::formats::hqq::{HqqConfig, HqqWeight};
@@ -69,6 +70,31 @@ enum Command {
         #[arg(long, value_enum, default_value_t = RunBackend::Gpu)]
         backend: RunBackend,
     },
+    /// Time every kernel and whole layers on the best adapter, as ratios to a streaming-read
+    /// and an FMA yardstick and to dense f16 measured in the same run.
+    Bench {
+        /// Write the report as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write the roofline plot as SVG.
+        #[arg(long)]
+        svg: Option<PathBuf>,
+        /// Write the ratios and targets as Markdown (for BENCHMARKS.md).
+        #[arg(long)]
+        markdown: Option<PathBuf>,
+        /// full: the shapes (a real GPU); small: dimensions / 8 (a software adapter);
+        /// tiny: one small shape (checks); auto: full unless the adapter is software.
+        #[arg(long, value_enum, default_value_t = ScaleArg::Auto)]
+        scale: ScaleArg,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ScaleArg {
+    Auto,
+    Full,
+    Small,
+    Tiny,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -113,6 +139,17 @@ fn main() -> ExitCode {
             input,
             output,
             backend,
+        }),
+        Command::Bench {
+            json,
+            svg,
+            markdown,
+            scale,
+        } => bench(BenchArgs {
+            json,
+            svg,
+            markdown,
+            scale,
         }),
     };
     match result {
@@ -395,6 +432,85 @@ fn run(args: RunArgs) -> Result<ExitCode> {
                 );
             }
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+struct BenchArgs {
+    json: Option<PathBuf>,
+    svg: Option<PathBuf>,
+    markdown: Option<PathBuf>,
+    scale: ScaleArg,
+}
+
+/// Fails before a long run if an output could not be written: its folder does not exist.
+fn check_output_folder(path: &std::path::Path) -> Result<()> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => Err(Error::Io {
+            path: path.display().to_string(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no folder {}", dir.display()),
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn bench(args: BenchArgs) -> Result<ExitCode> {
+    for path in [&args.json, &args.svg, &args.markdown]
+        .into_iter()
+        .flatten()
+    {
+        check_output_folder(path)?;
+    }
+    let ctx = GpuContext::new()?;
+    let scale = match args.scale {
+        ScaleArg::Auto => Scale::auto(&ctx),
+        ScaleArg::Full => Scale::Full,
+        ScaleArg::Small => Scale::Small,
+        ScaleArg::Tiny => Scale::Tiny,
+    };
+    let how = match (args.scale, ctx.is_software()) {
+        (ScaleArg::Auto, true) => "auto: software adapter",
+        (ScaleArg::Auto, false) => "auto: real GPU",
+        _ => "chosen",
+    };
+    println!("device: {}", ctx.describe());
+    println!("scale: {} ({how})", scale.name());
+    let command = std::env::args()
+        .skip(1)
+        .fold("quantadapt".to_string(), |line, arg| line + " " + &arg);
+    let report = quantadapt::bench::run(&ctx, &Plan::new(scale), &command, &mut |e| {
+        eprintln!(
+            "  {} {}x{} M={}: {:.1} us",
+            e.name, e.out_features, e.in_features, e.m, e.us
+        )
+    })?;
+    println!("date: {}", report.date);
+    println!("command: {}", report.command);
+    println!(
+        "yardsticks: streaming read {:.2} GB/s, f32 FMA {:.2} GFLOP/s",
+        report.read_gb_per_s, report.fma_gflop_per_s
+    );
+    if report.software_adapter {
+        println!("note: a software adapter runs kernels on the CPU; its times are CPU times");
+    }
+    println!();
+    print!("{}", report.table());
+    println!();
+    print!("{}", report.targets_table());
+    if let Some(path) = &args.json {
+        report.write_json(path)?;
+        println!("wrote {}", path.display());
+    }
+    if let Some(path) = &args.svg {
+        write_svg(&report, path)?;
+        println!("wrote {}", path.display());
+    }
+    if let Some(path) = &args.markdown {
+        report.write_markdown(path)?;
+        println!("wrote {}", path.display());
     }
     Ok(ExitCode::SUCCESS)
 }

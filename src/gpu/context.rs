@@ -191,6 +191,11 @@ impl GpuContext {
         self.features().contains(wgpu::Features::TIMESTAMP_QUERY)
     }
 
+    /// Whether the adapter is a software rasterizer on the CPU (lavapipe, WARP, SwiftShader).
+    pub fn is_software(&self) -> bool {
+        self.info.device_type == wgpu::DeviceType::Cpu
+    }
+
     /// One line naming the adapter, its backend and the optional features in use.
     pub fn describe(&self) -> String {
         let mut features = Vec::new();

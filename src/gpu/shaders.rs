@@ -28,6 +28,11 @@ const FILES: &[(&str, &str)] = &[
         include_str!("../../shaders/common/rounding.wgsl"),
     ),
     (
+        "dense_matmul.wgsl",
+        include_str!("../../shaders/dense_matmul.wgsl"),
+    ),
+    ("fma_peak.wgsl", include_str!("../../shaders/fma_peak.wgsl")),
+    (
         "formats/eetq.wgsl",
         include_str!("../../shaders/formats/eetq.wgsl"),
     ),
@@ -71,6 +76,10 @@ const FILES: &[(&str, &str)] = &[
     (
         "quant_gemv.wgsl",
         include_str!("../../shaders/quant_gemv.wgsl"),
+    ),
+    (
+        "stream_read.wgsl",
+        include_str!("../../shaders/stream_read.wgsl"),
     ),
 ];
 
@@ -197,5 +206,8 @@ pub fn catalogue() -> Vec<ShaderKey> {
     keys.extend(crate::kernels::mixed::shader_keys());
     keys.extend(crate::kernels::merge::shader_keys());
     keys.extend(crate::kernels::hqq_quantize::shader_keys());
+    keys.extend(crate::kernels::dense::shader_keys());
+    keys.extend(crate::kernels::stream::shader_keys());
+    keys.extend(crate::kernels::fma::shader_keys());
     keys
 }

@@ -54,6 +54,36 @@ pub fn time_pass(
     Ok(times)
 }
 
+/// How often a measurement repeats: `warmup` trials are run and dropped, then `trials` are kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Trials {
+    pub warmup: usize,
+    pub trials: usize,
+}
+
+/// GPU time of one run in microseconds: `runs` runs recorded back to back in one compute pass
+/// (`record_run(pass, i)` records run `i`), timestamps at the pass's beginning and end, the total
+/// divided by `runs`, the median over the kept trials. Back-to-back runs hide the submission cost
+/// and leave the launch cost in, as a model's sequence of layers would.
+pub fn time_runs(
+    ctx: &GpuContext,
+    runs: usize,
+    trials: Trials,
+    record_run: impl Fn(&mut wgpu::ComputePass<'_>, usize),
+) -> Result<f64> {
+    if runs == 0 || trials.trials == 0 {
+        return Err(Error::config(format!(
+            "timing needs at least one run and one trial, got {runs} runs and {} trials",
+            trials.trials
+        )));
+    }
+    let record = |pass: &mut wgpu::ComputePass<'_>| (0..runs).for_each(|i| record_run(pass, i));
+    if trials.warmup > 0 {
+        time_pass(ctx, trials.warmup, record)?;
+    }
+    Ok(median(&time_pass(ctx, trials.trials, record)?) / runs as f64)
+}
+
 /// The median of a non-empty sample.
 pub fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();

@@ -1,6 +1,8 @@
 //! One module per shader family: GPU-resident weights, bind groups and dispatch.
 
+pub mod dense;
 pub mod eetq;
+pub mod fma;
 pub mod fused;
 pub mod gptq;
 pub mod hqq;
@@ -10,6 +12,7 @@ pub mod merge;
 pub mod mixed;
 pub mod oft;
 pub mod quant;
+pub mod stream;
 
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor};

@@ -1,0 +1,178 @@
+//! The dense f16 yardstick (`shaders/dense_matmul.wgsl`): an unquantized `[out, in]` weight in
+//! f16, run through a GEMV and a tiled GEMM shaped like the quantized family's, so every
+//! quantized figure can also be read as a speed-up over dense f16.
+
+use crate::error::{Error, Result};
+use crate::gpu::buffers::{storage_from_bytes, storage_from_f32, uniform};
+use crate::gpu::shaders::ShaderKey;
+use crate::gpu::{ActDtype, GpuContext, GpuTensor};
+use crate::kernels::{Dispatch, GEMV_MAX_ROWS, MatmulPath, bind, check_io, grid};
+use crate::tensor::Matrix;
+
+const GEMV_WORKGROUP: u32 = 64;
+const GEMM_TILE: u32 = 16;
+
+/// Mirrors `DenseParams` in the shader.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+struct DenseParams {
+    m: u32,
+    n: u32,
+    k: u32,
+    has_bias: u32,
+}
+
+fn key(entry: &'static str, act: ActDtype) -> ShaderKey {
+    ShaderKey::new("dense_matmul", entry, act)
+        .constant("WG", GEMV_WORKGROUP)
+        .constant("MAX_M", GEMV_MAX_ROWS as u32)
+        .constant("TILE", GEMM_TILE)
+}
+
+fn entry(path: MatmulPath) -> &'static str {
+    match path {
+        MatmulPath::Gemv => "gemv",
+        MatmulPath::Tiled => "gemm",
+    }
+}
+
+pub fn shader_keys() -> Vec<ShaderKey> {
+    let mut keys = Vec::new();
+    for act in [ActDtype::F32, ActDtype::F16] {
+        for path in [MatmulPath::Gemv, MatmulPath::Tiled] {
+            keys.push(key(entry(path), act));
+        }
+    }
+    keys
+}
+
+/// A dense weight resident on the GPU as f16, two values per word, rows padded to whole words.
+#[derive(Debug)]
+pub struct GpuDenseWeight {
+    pub out_features: usize,
+    pub in_features: usize,
+    weight: wgpu::Buffer,
+    bias: wgpu::Buffer,
+    has_bias: bool,
+    resident_bytes: usize,
+}
+
+impl GpuDenseWeight {
+    /// Rounds `weight` (`[out, in]`) to f16 and uploads it with `bias` (`out` values) if any.
+    pub fn upload(ctx: &GpuContext, weight: &Matrix, bias: Option<&[f32]>) -> Result<Self> {
+        let (out, inp) = (weight.rows, weight.cols);
+        let numel = out
+            .checked_mul(inp)
+            .filter(|n| *n > 0 && *n <= u32::MAX as usize);
+        if numel.is_none() || weight.data.len() != out * inp {
+            return Err(Error::shape(
+                "dense weight",
+                "a non-empty [out, in] matrix within 32-bit indexing",
+                &[out, inp],
+            ));
+        }
+        if let Some(b) = bias {
+            if b.len() != out {
+                return Err(Error::shape("dense bias", format!("[{out}]"), &[b.len()]));
+            }
+        }
+        let row_halves = inp.next_multiple_of(2);
+        let mut halves = vec![half::f16::ZERO; out * row_halves];
+        for (n, row) in halves.chunks_exact_mut(row_halves).enumerate() {
+            for (h, v) in row.iter_mut().zip(weight.row(n)) {
+                *h = half::f16::from_f32(*v);
+            }
+        }
+        let bias_values = bias.map(<[f32]>::to_vec).unwrap_or_else(|| vec![0.0]);
+        let weight = storage_from_bytes(ctx, "dense f16 weight", bytemuck::cast_slice(&halves))?;
+        Ok(Self {
+            out_features: out,
+            in_features: inp,
+            resident_bytes: weight.size() as usize + 4 * bias_values.len(),
+            weight,
+            bias: storage_from_f32(ctx, "dense bias", &bias_values)?,
+            has_bias: bias.is_some(),
+        })
+    }
+
+    /// Bytes this layer keeps on the GPU (the f16 weight and the bias).
+    pub fn resident_bytes(&self) -> usize {
+        self.resident_bytes
+    }
+
+    /// Binds `y = x · Wᵀ + bias` for `x: [m, in]`, `y: [m, out]` on `path`.
+    pub fn prepare(
+        &self,
+        ctx: &GpuContext,
+        x: &GpuTensor,
+        y: &GpuTensor,
+        path: MatmulPath,
+    ) -> Result<Dispatch> {
+        check_io(x, y, self.in_features, self.out_features)?;
+        let groups = match path {
+            MatmulPath::Gemv if x.rows > GEMV_MAX_ROWS => {
+                return Err(Error::Unsupported(format!(
+                    "the GEMV path takes at most {GEMV_MAX_ROWS} rows, got {}",
+                    x.rows
+                )));
+            }
+            MatmulPath::Gemv => grid(self.out_features as u32),
+            MatmulPath::Tiled => (
+                (self.out_features as u32).div_ceil(GEMM_TILE),
+                (x.rows as u32).div_ceil(GEMM_TILE),
+            ),
+        };
+        if groups.0 > 65535 || groups.1 > 65535 {
+            return Err(Error::Unsupported(format!(
+                "a {}x{} tiled matmul exceeds the workgroup grid",
+                x.rows, self.out_features
+            )));
+        }
+        let pipeline = ctx.pipeline(&key(entry(path), x.dtype))?;
+        let params = uniform(
+            ctx,
+            "dense params",
+            &DenseParams {
+                m: x.rows as u32,
+                n: self.out_features as u32,
+                k: self.in_features as u32,
+                has_bias: self.has_bias as u32,
+            },
+        );
+        let bind = bind(
+            ctx,
+            &pipeline,
+            &[
+                (0, &params),
+                (1, &self.weight),
+                (2, &x.buffer),
+                (3, &self.bias),
+                (4, &y.buffer),
+            ],
+        );
+        Ok(Dispatch::new(pipeline, bind, groups))
+    }
+
+    /// `y = x · Wᵀ + bias` on `path`, into a new tensor.
+    pub fn forward_with(
+        &self,
+        ctx: &GpuContext,
+        x: &GpuTensor,
+        path: MatmulPath,
+    ) -> Result<GpuTensor> {
+        let y = GpuTensor::poisoned(ctx, x.rows, self.out_features, x.dtype)?;
+        Dispatch::run_all(ctx, &[&self.prepare(ctx, x, &y, path)?])?;
+        Ok(y)
+    }
+}
+
+/// The CPU twin: `x · f16(W)ᵀ + bias`, accumulated in f64.
+pub fn dense_f16_cpu(x: &Matrix, weight: &Matrix, bias: Option<&[f32]>) -> Result<Matrix> {
+    let mut rounded = weight.clone();
+    rounded.round_to_f16();
+    let mut y = x.matmul_t(&rounded)?;
+    if let Some(b) = bias {
+        y.add_row_vector(b);
+    }
+    Ok(y)
+}
