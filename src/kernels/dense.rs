@@ -138,7 +138,7 @@ impl GpuDenseWeight {
                 k: self.in_features as u32,
                 has_bias: self.has_bias as u32,
             },
-        );
+        )?;
         let bind = bind(
             ctx,
             &pipeline,
@@ -149,7 +149,7 @@ impl GpuDenseWeight {
                 (3, &self.bias),
                 (4, &y.buffer),
             ],
-        );
+        )?;
         Ok(Dispatch::new(pipeline, bind, groups))
     }
 

@@ -64,7 +64,7 @@ impl GpuFmaPeak {
         Ok(Self {
             invocations: inv,
             iterations: iters,
-            params: uniform(ctx, "fma params", &params),
+            params: uniform(ctx, "fma params", &params)?,
             out: poisoned_f32(ctx, "fma sums", invocations)?,
         })
     }
@@ -76,7 +76,7 @@ impl GpuFmaPeak {
 
     pub fn prepare(&self, ctx: &GpuContext) -> Result<Dispatch> {
         let pipeline = ctx.pipeline(&key())?;
-        let bind = bind(ctx, &pipeline, &[(0, &self.params), (1, &self.out)]);
+        let bind = bind(ctx, &pipeline, &[(0, &self.params), (1, &self.out)])?;
         Ok(Dispatch::new(
             pipeline,
             bind,

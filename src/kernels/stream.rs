@@ -64,7 +64,7 @@ impl GpuStreamRead {
             data: storage_from_bytes(ctx, "stream data", bytemuck::cast_slice(words))?,
             bytes: words.len() * 4,
             invocations,
-            params: uniform(ctx, "stream params", &StreamParams { len, invocations }),
+            params: uniform(ctx, "stream params", &StreamParams { len, invocations })?,
             out: storage_from_bytes(
                 ctx,
                 "stream xor",
@@ -90,7 +90,7 @@ impl GpuStreamRead {
             ctx,
             &pipeline,
             &[(0, &self.params), (1, &self.data), (2, &self.out)],
-        );
+        )?;
         Ok(Dispatch::new(
             pipeline,
             bind,
