@@ -122,6 +122,13 @@ fn a_device_with_a_small_binding_limit_runs_adapted_layers_in_slices() {
     }
     cpu.set_active(&["o", "l"]).unwrap();
     layer.set_active(&["o", "l"]).unwrap();
+    // The GPU re-quantizer binds the whole layer: the merge is refused and changes nothing.
+    let x = random_matrix(1, IN, 1.0);
+    let before = layer.forward(&x).unwrap();
+    let err = layer.merge(&["l"], true).unwrap_err();
+    assert!(matches!(err, quantadapt::Error::Allocation { .. }), "{err}");
+    assert!(layer.merged_adapters().is_empty());
+    assert_eq!(layer.forward(&x).unwrap().data, before.data);
     for fusion in [Fusion::Off, Fusion::Always] {
         layer.set_fusion(fusion);
         for rows in [1, 12] {
