@@ -450,14 +450,29 @@ impl QuantLinear {
             })
             .collect();
         let row_slots = mixed.row_slots(ctx, &slots)?;
-        let rotated = GpuTensor::poisoned(ctx, x.rows, x.cols, x.dtype)?;
-        let rotate = mixed.prepare_rotate(ctx, &row_slots, x, &rotated)?;
-        let matmul = gpu
-            .base
-            .prepare(ctx, &rotated, y, MatmulPath::for_rows(x.rows))?;
-        let [shrink, expand] =
-            mixed.prepare_lora(ctx, &row_slots, x, y, Some(gpu.base.bias_buffer()))?;
-        Ok(vec![rotate, matmul, shrink, expand])
+        // Launches only for the adapter kinds some row asks for.
+        let rows_use = |oft: bool| {
+            slots.iter().any(|&slot| {
+                self.adapters
+                    .get(slot as usize)
+                    .is_some_and(|a| matches!(a, Adapter::Oft(_)) == oft)
+            })
+        };
+        let mut steps = Vec::new();
+        let mut rotated = x.clone();
+        if rows_use(true) {
+            rotated = GpuTensor::poisoned(ctx, x.rows, x.cols, x.dtype)?;
+            steps.push(mixed.prepare_rotate(ctx, &row_slots, x, &rotated)?);
+        }
+        steps.push(
+            gpu.base
+                .prepare(ctx, &rotated, y, MatmulPath::for_rows(x.rows))?,
+        );
+        if rows_use(false) {
+            let bias = Some(gpu.base.bias_buffer());
+            steps.extend(mixed.prepare_lora(ctx, &row_slots, x, y, bias)?);
+        }
+        Ok(steps)
     }
 
     fn mixed_adapters(&self, gpu: &GpuState) -> Result<Arc<GpuMixedAdapters>> {

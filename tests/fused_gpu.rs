@@ -194,3 +194,37 @@ fn auto_fuses_the_rotation_only_where_the_cost_model_says_it_pays() {
     // The GEMM has no OFT prologue.
     assert_eq!(launches(&layer, 19), 2);
 }
+
+#[test]
+fn mixed_batches_launch_only_the_kernels_their_rows_need() {
+    let ctx = gpu();
+    let (_, base) = bases().remove(0);
+    let adapters = [
+        oft("o", 32, false),
+        lora("l1", 8, false),
+        lora("l2", 4, true),
+    ];
+    let cpu = layer(&base, &adapters, Backend::Cpu);
+    let gpu_layer = layer(&base, &adapters, Backend::Gpu(Box::new(ctx.clone())));
+    let cases: [(&[&str], usize); 4] = [
+        (&["__base__", "__base__", "__base__"], 1),
+        (&["l1", "__base__", "l2"], 3),
+        (&["o", "__base__", "o"], 2),
+        (&["o", "l2", "l1"], 4),
+    ];
+    for (names, expected_launches) in cases {
+        let x = random_matrix(names.len(), IN, 1.0);
+        let xg = GpuTensor::upload(ctx, &x, ActDtype::F32).unwrap();
+        let y = GpuTensor::poisoned(ctx, names.len(), OUT, ActDtype::F32).unwrap();
+        let steps = gpu_layer.prepare_forward_mixed(&xg, names, &y).unwrap();
+        assert_eq!(steps.len(), expected_launches, "{names:?}");
+        let got = gpu_layer
+            .forward_mixed_gpu(&xg, names)
+            .unwrap()
+            .download(ctx)
+            .unwrap();
+        let expected = cpu.forward_mixed(&x, names).unwrap();
+        let err = max_rel_error(&got.data, &expected.data);
+        assert!(err <= 1e-4, "{names:?}: {err}");
+    }
+}
