@@ -1,17 +1,9 @@
 // Mixed batches: each row of x picks its own adapter (or none), and every kernel runs once for
 // the whole batch whatever the number of adapters (segmented by a per-row slot index, as Punica's
-// BGMV does). Slot tables live in `table`: per slot, TABLE_STRIDE u32 words (see below).
-//   OFT slot:  [kind = 1, blocks offset, block size b, stored blocks, 0, 0, 0, 0]
-//   LoRA slot: [kind = 2, A offset, B offset, rank, scaling (f32 bits), DoRA scale offset or
-//               NO_DORA, 0, 0]
-// A row whose slot is NONE, or of the other kind, passes through unchanged.
+// BGMV does). The slot table (`table`) is laid out as common/mixed_slots.wgsl says. A row whose
+// slot is NONE, or of the other kind, passes through unchanged.
 #include "common/elementwise.wgsl"
-
-const NONE: u32 = 0xffffffffu;
-const NO_DORA: u32 = 0xffffffffu;
-const TABLE_STRIDE: u32 = 8u;
-const KIND_OFT: u32 = 1u;
-const KIND_LORA: u32 = 2u;
+#include "common/mixed_slots.wgsl"
 
 struct MixedParams {
     m: u32,

@@ -16,7 +16,7 @@ use crate::error::{Error, Result, check_finite};
 use crate::formats::hqq::{HqqConfig, HqqWeight};
 use crate::formats::{QuantFormat, QuantWeight};
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
-use crate::kernels::fused::{Fused, oft_prologue_pays};
+use crate::kernels::fused::{EpilogueKind, Fused, oft_prologue_pays};
 use crate::kernels::hqq_quantize::quantize_to_host;
 use crate::kernels::lora::GpuLora;
 use crate::kernels::merge::{self, MergeDelta};
@@ -366,8 +366,12 @@ impl QuantLinear {
         });
         let block = oft.map(|o| o.block_size);
         let fits = |fuse_oft: bool, fuse_lora: bool| {
-            gpu.base
-                .can_fuse(&gpu.ctx, path, block.filter(|_| fuse_oft), fuse_lora)
+            gpu.base.can_fuse(
+                &gpu.ctx,
+                path,
+                block.filter(|_| fuse_oft),
+                fuse_lora.then_some(EpilogueKind::Single),
+            )
         };
         [(true, true), (false, true), (true, false)]
             .into_iter()
@@ -418,7 +422,8 @@ impl QuantLinear {
     }
 
     /// The launches of a mixed batch, one per kernel for the whole batch: rotate (per-row OFT),
-    /// the base matmul, shrink and expand (per-row LoRA / DoRA).
+    /// shrink (per-row LoRA / DoRA), the base matmul with the per-row expand as its epilogue
+    /// (or, with `Fusion::Off` or past the device's binding limit, as a launch of its own).
     pub fn prepare_forward_mixed(
         &self,
         x: &GpuTensor,
@@ -464,11 +469,23 @@ impl QuantLinear {
             rotated = GpuTensor::poisoned(ctx, x.rows, x.cols, x.dtype)?;
             steps.push(mixed.prepare_rotate(ctx, &row_slots, x, &rotated)?);
         }
-        steps.push(
-            gpu.base
-                .prepare(ctx, &rotated, y, MatmulPath::for_rows(x.rows))?,
-        );
-        if rows_use(false) {
+        let path = MatmulPath::for_rows(x.rows);
+        let fuse_lora = self.fusion != Fusion::Off
+            && gpu
+                .base
+                .can_fuse(ctx, path, None, Some(EpilogueKind::PerRow));
+        if !rows_use(false) {
+            steps.push(gpu.base.prepare(ctx, &rotated, y, path)?);
+        } else if fuse_lora {
+            let (shrink, h) = mixed.prepare_shrink(ctx, &row_slots, x)?;
+            steps.push(shrink);
+            let fused = Fused {
+                oft: None,
+                lora: Some(mixed.epilogue(&row_slots, &h)),
+            };
+            steps.push(gpu.base.prepare_fused(ctx, &rotated, y, path, &fused)?);
+        } else {
+            steps.push(gpu.base.prepare(ctx, &rotated, y, path)?);
             let bias = Some(gpu.base.bias_buffer());
             steps.extend(mixed.prepare_lora(ctx, &row_slots, x, y, bias)?);
         }

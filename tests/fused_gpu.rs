@@ -196,7 +196,7 @@ fn auto_fuses_the_rotation_only_where_the_cost_model_says_it_pays() {
 }
 
 #[test]
-fn mixed_batches_launch_only_the_kernels_their_rows_need() {
+fn mixed_batches_fuse_the_per_row_expand_and_launch_only_what_their_rows_need() {
     let ctx = gpu();
     let (_, base) = bases().remove(0);
     let adapters = [
@@ -205,26 +205,59 @@ fn mixed_batches_launch_only_the_kernels_their_rows_need() {
         lora("l2", 4, true),
     ];
     let cpu = layer(&base, &adapters, Backend::Cpu);
-    let gpu_layer = layer(&base, &adapters, Backend::Gpu(Box::new(ctx.clone())));
-    let cases: [(&[&str], usize); 4] = [
-        (&["__base__", "__base__", "__base__"], 1),
-        (&["l1", "__base__", "l2"], 3),
-        (&["o", "__base__", "o"], 2),
-        (&["o", "l2", "l1"], 4),
+    let mut gpu_layer = layer(&base, &adapters, Backend::Gpu(Box::new(ctx.clone())));
+    // (row adapters, launches unfused, launches fused)
+    let cases: [(&[&str], usize, usize); 5] = [
+        (&["__base__", "__base__", "__base__"], 1, 1),
+        (&["l1", "__base__", "l2"], 3, 2),
+        (&["o", "__base__", "o"], 2, 2),
+        (&["o", "l2", "l1"], 4, 3),
+        (
+            &[
+                "l2", "l1", "o", "l1", "__base__", "l2", "o", "l1", "l2", "o", "l1",
+            ],
+            4,
+            3,
+        ),
     ];
-    for (names, expected_launches) in cases {
+    for (names, unfused, fused) in cases {
         let x = random_matrix(names.len(), IN, 1.0);
+        let expected = cpu.forward_mixed(&x, names).unwrap();
         let xg = GpuTensor::upload(ctx, &x, ActDtype::F32).unwrap();
         let y = GpuTensor::poisoned(ctx, names.len(), OUT, ActDtype::F32).unwrap();
-        let steps = gpu_layer.prepare_forward_mixed(&xg, names, &y).unwrap();
-        assert_eq!(steps.len(), expected_launches, "{names:?}");
+        gpu_layer.set_fusion(Fusion::Off);
+        assert_eq!(
+            gpu_layer
+                .prepare_forward_mixed(&xg, names, &y)
+                .unwrap()
+                .len(),
+            unfused
+        );
+        let separate = gpu_layer
+            .forward_mixed_gpu(&xg, names)
+            .unwrap()
+            .download(ctx)
+            .unwrap();
+        gpu_layer.set_fusion(Fusion::Auto);
+        assert_eq!(
+            gpu_layer
+                .prepare_forward_mixed(&xg, names, &y)
+                .unwrap()
+                .len(),
+            fused
+        );
         let got = gpu_layer
             .forward_mixed_gpu(&xg, names)
             .unwrap()
             .download(ctx)
             .unwrap();
-        let expected = cpu.forward_mixed(&x, names).unwrap();
+        assert!(
+            got.data.iter().all(|v| v.is_finite()),
+            "{names:?}: unwritten"
+        );
+        let err = max_rel_error(&got.data, &separate.data);
+        assert!(err <= 1e-6, "{names:?}: fused vs separate {err}");
         let err = max_rel_error(&got.data, &expected.data);
-        assert!(err <= 1e-4, "{names:?}: {err}");
+        assert!(err <= 1e-4, "{names:?}: fused vs CPU {err}");
     }
 }

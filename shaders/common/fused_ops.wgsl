@@ -2,7 +2,9 @@
 //   OFT_PROLOGUE: x is rotated by one OFT adapter's block-diagonal R on the way in (row-vector
 //     convention, as `oft_rotate.wgsl`), rounded to Act as PEFT casts the rotated input back.
 //   LORA_EPILOGUE: one LoRA / DoRA adapter's term s·(h·Bᵀ), with h = x·Aᵀ from `lora.wgsl`'s
-//     shrink, is added to the output before its single write (as `lora.wgsl`'s expand does).
+//     shrink, is added to the output before its single write (as `lora.wgsl`'s expand does);
+//     with PER_ROW_LORA each row's own adapter from a mixed batch's slot table instead (as
+//     `mixed_adapters.wgsl`'s expand does).
 // FUSED is on whenever either is.
 #ifdef FUSED
 struct FusedParams {
@@ -42,6 +44,36 @@ fn rotated_x(row: u32, k: u32) -> f32 {
 #include "common/elementwise.wgsl"
 
 @group(0) @binding(11) var<storage, read> lora_h: array<f32>;
+
+#ifdef PER_ROW_LORA
+#include "common/mixed_slots.wgsl"
+
+@group(0) @binding(12) var<storage, read> row_slot: array<u32>;
+@group(0) @binding(13) var<storage, read> slot_table: array<u32>;
+@group(0) @binding(14) var<storage, read> adapter_weights: array<f32>;
+
+// As below, with the adapter of row `row`'s slot in a mixed batch; rows without a LoRA slot keep
+// the base output. `fused.lora_r` is h's row length (the largest rank).
+fn lora_epilogue(row: u32, col: u32, out: f32, bias_value: f32) -> f32 {
+    let slot = row_slot[row];
+    if (slot == NONE || slot_table[slot * TABLE_STRIDE] != KIND_LORA) {
+        return out;
+    }
+    let b_offset = slot_table[slot * TABLE_STRIDE + 2u];
+    let rank = slot_table[slot * TABLE_STRIDE + 3u];
+    let scaling = bitcast<f32>(slot_table[slot * TABLE_STRIDE + 4u]);
+    let dora = slot_table[slot * TABLE_STRIDE + 5u];
+    let base = f32(Act(out));
+    var acc = 0.0;
+    for (var j = 0u; j < rank; j++) {
+        acc += lora_h[row * fused.lora_r + j] * adapter_weights[b_offset + col * rank + j];
+    }
+    if (dora != NO_DORA) {
+        return dora_output(base, bias_value, adapter_weights[dora + col], scaling, acc);
+    }
+    return base + scaling * acc;
+}
+#else
 @group(0) @binding(12) var<storage, read> lora_b: array<f32>;
 @group(0) @binding(13) var<storage, read> dora_scale: array<f32>;
 
@@ -59,5 +91,6 @@ fn lora_epilogue(row: u32, col: u32, out: f32, bias_value: f32) -> f32 {
     }
     return base + fused.lora_scaling * acc;
 }
+#endif
 #endif
 #endif

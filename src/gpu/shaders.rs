@@ -20,6 +20,10 @@ const FILES: &[(&str, &str)] = &[
         include_str!("../../shaders/common/elementwise.wgsl"),
     ),
     (
+        "common/mixed_slots.wgsl",
+        include_str!("../../shaders/common/mixed_slots.wgsl"),
+    ),
+    (
         "common/quant_format.wgsl",
         include_str!("../../shaders/common/quant_format.wgsl"),
     ),

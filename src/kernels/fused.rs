@@ -29,16 +29,56 @@ pub struct OftPrologue<'a> {
     pub stored_blocks: usize,
 }
 
-/// One LoRA / DoRA adapter's term, added to the matmul's output before it is written.
+/// LoRA / DoRA terms added to the matmul's output before it is written.
 #[derive(Clone, Copy, Debug)]
-pub struct LoraEpilogue<'a> {
-    /// `x · Aᵀ`, `[m, rank]` f32, from the adapter's shrink launch.
-    pub h: &'a wgpu::Buffer,
-    /// `[out, rank]`.
-    pub b: &'a wgpu::Buffer,
-    pub dora_scale: Option<&'a wgpu::Buffer>,
-    pub rank: usize,
-    pub scaling: f32,
+pub enum LoraEpilogue<'a> {
+    /// One adapter for every row.
+    Single {
+        /// `x · Aᵀ`, `[m, rank]` f32, from the adapter's shrink launch.
+        h: &'a wgpu::Buffer,
+        /// `[out, rank]`.
+        b: &'a wgpu::Buffer,
+        dora_scale: Option<&'a wgpu::Buffer>,
+        rank: usize,
+        scaling: f32,
+    },
+    /// Each row's own adapter (or none) in a mixed batch, from its slot table (`kernels::mixed`).
+    PerRow {
+        /// `[m, max_rank]` f32, from the mixed batch's shrink launch.
+        h: &'a wgpu::Buffer,
+        row_slots: &'a wgpu::Buffer,
+        table: &'a wgpu::Buffer,
+        weights: &'a wgpu::Buffer,
+        max_rank: usize,
+    },
+}
+
+/// Which kind of LoRA epilogue a specialization carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EpilogueKind {
+    Single,
+    PerRow,
+}
+
+impl EpilogueKind {
+    pub const ALL: [Self; 2] = [Self::Single, Self::PerRow];
+
+    /// Storage buffers the epilogue adds to a launch.
+    pub fn storage_bindings(self) -> u32 {
+        match self {
+            Self::Single => 3,
+            Self::PerRow => 4,
+        }
+    }
+}
+
+impl LoraEpilogue<'_> {
+    pub fn kind(&self) -> EpilogueKind {
+        match self {
+            Self::Single { .. } => EpilogueKind::Single,
+            Self::PerRow { .. } => EpilogueKind::PerRow,
+        }
+    }
 }
 
 /// What one matmul launch fuses; the default fuses nothing.
@@ -51,6 +91,10 @@ pub struct Fused<'a> {
 impl Fused<'_> {
     pub fn is_empty(&self) -> bool {
         self.oft.is_none() && self.lora.is_none()
+    }
+
+    pub fn epilogue_kind(&self) -> Option<EpilogueKind> {
+        self.lora.map(|l| l.kind())
     }
 
     /// What is fused, for messages.
@@ -70,10 +114,19 @@ impl Fused<'_> {
             params.oft_b = oft.block_size as u32;
             params.oft_stored_blocks = oft.stored_blocks as u32;
         }
-        if let Some(lora) = &self.lora {
-            params.lora_r = lora.rank as u32;
-            params.lora_scaling = lora.scaling;
-            params.lora_dora = lora.dora_scale.is_some() as u32;
+        match self.lora {
+            Some(LoraEpilogue::Single {
+                dora_scale,
+                rank,
+                scaling,
+                ..
+            }) => {
+                params.lora_r = rank as u32;
+                params.lora_scaling = scaling;
+                params.lora_dora = dora_scale.is_some() as u32;
+            }
+            Some(LoraEpilogue::PerRow { max_rank, .. }) => params.lora_r = max_rank as u32,
+            None => {}
         }
         uniform(ctx, "fused params", &params)
     }
@@ -84,26 +137,44 @@ impl Fused<'_> {
         if let Some(oft) = &self.oft {
             entries.push((10, oft.blocks));
         }
-        if let Some(lora) = &self.lora {
-            entries.push((11, lora.h));
-            entries.push((12, lora.b));
-            // Without DoRA the scale is never read; B stands in for it.
-            entries.push((13, lora.dora_scale.unwrap_or(lora.b)));
+        match self.lora {
+            Some(LoraEpilogue::Single {
+                h, b, dora_scale, ..
+            }) => {
+                entries.push((11, h));
+                entries.push((12, b));
+                // Without DoRA the scale is never read; B stands in for it.
+                entries.push((13, dora_scale.unwrap_or(b)));
+            }
+            Some(LoraEpilogue::PerRow {
+                h,
+                row_slots,
+                table,
+                weights,
+                ..
+            }) => {
+                entries.push((11, h));
+                entries.push((12, row_slots));
+                entries.push((13, table));
+                entries.push((14, weights));
+            }
+            None => {}
         }
         entries
     }
 }
 
 /// Storage buffers an OFT prologue and a LoRA epilogue add to a matmul launch.
-pub fn extra_storage_bindings(oft: bool, lora: bool) -> u32 {
-    oft as u32 + 3 * lora as u32
+pub fn extra_storage_bindings(oft: bool, lora: Option<EpilogueKind>) -> u32 {
+    oft as u32 + lora.map_or(0, EpilogueKind::storage_bindings)
 }
 
 /// `key` with the flags that switch an OFT prologue and a LoRA epilogue on.
-pub(crate) fn with_fused_flags(key: ShaderKey, oft: bool, lora: bool) -> ShaderKey {
-    key.flag("FUSED", oft || lora)
+pub(crate) fn with_fused_flags(key: ShaderKey, oft: bool, lora: Option<EpilogueKind>) -> ShaderKey {
+    key.flag("FUSED", oft || lora.is_some())
         .flag("OFT_PROLOGUE", oft)
-        .flag("LORA_EPILOGUE", lora)
+        .flag("LORA_EPILOGUE", lora.is_some())
+        .flag("PER_ROW_LORA", lora == Some(EpilogueKind::PerRow))
 }
 
 /// What the cost model weighs, as measured on an H100 through wgpu/Vulkan: one more launch

@@ -129,7 +129,7 @@ impl GpuLora {
 
     /// The expand as a matmul epilogue (`kernels::fused`), `h` from [`Self::prepare_shrink`].
     pub fn epilogue<'a>(&'a self, h: &'a wgpu::Buffer) -> LoraEpilogue<'a> {
-        LoraEpilogue {
+        LoraEpilogue::Single {
             h,
             b: &self.b,
             dora_scale: self.dora_scale.as_ref(),

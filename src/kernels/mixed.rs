@@ -6,6 +6,7 @@ use crate::error::{Error, Result};
 use crate::gpu::buffers::{poisoned_f32, storage_from_bytes, storage_from_f32, uniform};
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
+use crate::kernels::fused::LoraEpilogue;
 use crate::kernels::{Dispatch, bind, check_io};
 use crate::tensor::Matrix;
 
@@ -204,21 +205,26 @@ impl GpuMixedAdapters {
         Ok(Dispatch::elementwise(pipeline, bind, x.numel(), WORKGROUP))
     }
 
-    /// Binds the per-row LoRA / DoRA terms added into `y` (rows without a LoRA slot untouched).
-    pub fn prepare_lora(
+    /// Binds the per-row shrink `h = x · Aᵀ` of the rows' LoRA slots (`[m, max_rank]` f32,
+    /// returned with the launch).
+    pub fn prepare_shrink(
         &self,
         ctx: &GpuContext,
         row_slots: &wgpu::Buffer,
         x: &GpuTensor,
-        y: &GpuTensor,
-        bias: Option<&wgpu::Buffer>,
-    ) -> Result<[Dispatch; 2]> {
-        check_io(x, y, self.in_features, self.out_features)?;
+    ) -> Result<(Dispatch, wgpu::Buffer)> {
+        if x.cols != self.in_features {
+            return Err(Error::shape(
+                "x",
+                format!("[m, {}]", self.in_features),
+                &[x.rows, x.cols],
+            ));
+        }
         let m = x.rows;
         let h = poisoned_f32(ctx, "mixed h", m * self.max_rank)?;
-        let params = self.params(ctx, m, bias.is_some())?;
+        let params = self.params(ctx, m, false)?;
         let shrink = ctx.pipeline(&key("shrink", x.dtype))?;
-        let shrink_bind = bind(
+        let bind = bind(
             ctx,
             &shrink,
             &[
@@ -230,6 +236,38 @@ impl GpuMixedAdapters {
                 (5, &h),
             ],
         )?;
+        let dispatch = Dispatch::elementwise(shrink, bind, m * self.max_rank, WORKGROUP);
+        Ok((dispatch, h))
+    }
+
+    /// The per-row expand as a matmul epilogue (`kernels::fused`), `h` from
+    /// [`Self::prepare_shrink`].
+    pub fn epilogue<'a>(
+        &'a self,
+        row_slots: &'a wgpu::Buffer,
+        h: &'a wgpu::Buffer,
+    ) -> LoraEpilogue<'a> {
+        LoraEpilogue::PerRow {
+            h,
+            row_slots,
+            table: &self.table,
+            weights: &self.weights,
+            max_rank: self.max_rank,
+        }
+    }
+
+    /// Binds the per-row LoRA / DoRA terms added into `y` (rows without a LoRA slot untouched).
+    pub fn prepare_lora(
+        &self,
+        ctx: &GpuContext,
+        row_slots: &wgpu::Buffer,
+        x: &GpuTensor,
+        y: &GpuTensor,
+        bias: Option<&wgpu::Buffer>,
+    ) -> Result<[Dispatch; 2]> {
+        check_io(x, y, self.in_features, self.out_features)?;
+        let (shrink, h) = self.prepare_shrink(ctx, row_slots, x)?;
+        let params = self.params(ctx, x.rows, bias.is_some())?;
         let expand = ctx.pipeline(&key("expand", x.dtype))?;
         let expand_bind = bind(
             ctx,
@@ -245,8 +283,8 @@ impl GpuMixedAdapters {
             ],
         )?;
         Ok([
-            Dispatch::elementwise(shrink, shrink_bind, m * self.max_rank, WORKGROUP),
-            Dispatch::elementwise(expand, expand_bind, m * self.out_features, WORKGROUP),
+            shrink,
+            Dispatch::elementwise(expand, expand_bind, x.rows * self.out_features, WORKGROUP),
         ])
     }
 }

@@ -8,7 +8,7 @@ use crate::formats::{QuantFormat, QuantWeight};
 use crate::gpu::buffers::{poisoned_f32, read_f32, storage_from_f32, uniform};
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
-use crate::kernels::fused::{Fused, extra_storage_bindings, with_fused_flags};
+use crate::kernels::fused::{EpilogueKind, Fused, extra_storage_bindings, with_fused_flags};
 use crate::kernels::{Dispatch, GEMV_MAX_ROWS, MatmulPath, bind, check_io, grid};
 use crate::tensor::Matrix;
 
@@ -50,7 +50,7 @@ impl FormatShader {
         key
     }
 
-    fn gemv_key(&self, act: ActDtype, oft: bool, lora: bool) -> ShaderKey {
+    fn gemv_key(&self, act: ActDtype, oft: bool, lora: Option<EpilogueKind>) -> ShaderKey {
         let key = self
             .key("quant_gemv", act)
             .constant("WG", GEMV_WORKGROUP)
@@ -60,7 +60,7 @@ impl FormatShader {
         with_fused_flags(key, oft, lora)
     }
 
-    fn gemm_key(&self, act: ActDtype, lora: bool) -> ShaderKey {
+    fn gemm_key(&self, act: ActDtype, lora: Option<EpilogueKind>) -> ShaderKey {
         let key = self.key("quant_gemm", act).constant("TILE", GEMM_TILE);
         with_fused_flags(key, false, lora)
     }
@@ -73,11 +73,11 @@ impl FormatShader {
     pub fn keys(&self) -> Vec<ShaderKey> {
         let mut keys = vec![self.dequant_key()];
         for act in [ActDtype::F32, ActDtype::F16] {
-            for (oft, lora) in [(false, false), (true, false), (false, true), (true, true)] {
-                keys.push(self.gemv_key(act, oft, lora));
-                if !oft {
-                    keys.push(self.gemm_key(act, lora));
-                }
+            let epilogues = [None, Some(EpilogueKind::Single), Some(EpilogueKind::PerRow)];
+            for lora in epilogues {
+                keys.push(self.gemv_key(act, false, lora));
+                keys.push(self.gemv_key(act, true, lora));
+                keys.push(self.gemm_key(act, lora));
             }
         }
         keys
@@ -278,13 +278,13 @@ impl GpuQuantWeight {
     }
 
     /// Whether the kernels can fuse an OFT prologue of block size `oft_block` and a LoRA
-    /// epilogue (`lora`) into a matmul on `path` within this device's binding limit.
+    /// epilogue of kind `lora` into a matmul on `path` within this device's binding limit.
     pub fn can_fuse(
         &self,
         ctx: &GpuContext,
         path: MatmulPath,
         oft_block: Option<usize>,
-        lora: bool,
+        lora: Option<EpilogueKind>,
     ) -> bool {
         let oft_fits = oft_block
             .is_none_or(|b| path == MatmulPath::Gemv && self.in_features.is_multiple_of(b));
@@ -315,7 +315,7 @@ impl GpuQuantWeight {
             )));
         }
         let oft_block = fused.oft.map(|o| o.block_size);
-        if !fused.is_empty() && !self.can_fuse(ctx, path, oft_block, fused.lora.is_some()) {
+        if !fused.is_empty() && !self.can_fuse(ctx, path, oft_block, fused.epilogue_kind()) {
             return Err(Error::Unsupported(format!(
                 "fusing {} into a {}-row matmul of a {}x{} layer on this device",
                 fused.describe(),
@@ -331,11 +331,11 @@ impl GpuQuantWeight {
                 MatmulPath::Gemv => (
                     slice
                         .shader
-                        .gemv_key(x.dtype, fused.oft.is_some(), fused.lora.is_some()),
+                        .gemv_key(x.dtype, fused.oft.is_some(), fused.epilogue_kind()),
                     grid(slice.rows.div_ceil(GEMV_ROWS_PER_WORKGROUP) as u32),
                 ),
                 MatmulPath::Tiled => (
-                    slice.shader.gemm_key(x.dtype, fused.lora.is_some()),
+                    slice.shader.gemm_key(x.dtype, fused.epilogue_kind()),
                     (
                         (slice.rows as u32).div_ceil(GEMM_TILE),
                         (x.rows as u32).div_ceil(GEMM_TILE),
