@@ -1,5 +1,8 @@
-// y = x · Wᵀ + bias for a few rows of x (M <= MAX_M): each workgroup owns ROWS output features,
-// its invocations stride over K, dequantize in registers and reduce in workgroup memory.
+// y = x · Wᵀ + bias for a few rows of x (M <= MAX_M): each workgroup owns one tile of ROWS output
+// features, its invocations stride over K one unit at a time and reduce in workgroup memory.
+// A unit is UNIT_K consecutive inputs of the tile's rows: one element here, or with WORD_UNITS
+// one packed word decoded by the format (`gemv_unit` in shaders/formats/<format>.wgsl), so each
+// word is loaded once and its fields feed every output row they belong to.
 // Makes no assumption about the subgroup size.
 // With OFT_PROLOGUE, x is rotated CHUNK columns at a time into workgroup memory, so the rotation
 // needs no launch of its own; with LORA_EPILOGUE one adapter's term joins the single write of y
@@ -14,11 +17,36 @@
 
 var<workgroup> partial: array<f32, WG * MAX_M * ROWS>;
 
-// Adds x[r, k] · W[n0 + t, k] into acc[t * MAX_M + r] for every owned row t, with x[r, k] = xk(r).
-fn accumulate(acc: ptr<function, array<f32, MAX_M * ROWS>>, n0: u32, k: u32,
-              xk: array<f32, MAX_M>) {
+#ifdef OFT_PROLOGUE
+var<workgroup> x_chunk: array<f32, MAX_M * CHUNK>;
+// First column of the chunk in x_chunk.
+var<private> chunk_start: u32;
+
+fn x_at(r: u32, k: u32) -> f32 {
+    return x_chunk[r * CHUNK + k - chunk_start];
+}
+#else
+fn x_at(r: u32, k: u32) -> f32 {
+    return f32(x[r * p.k + k]);
+}
+#endif
+
+#ifndef WORD_UNITS
+const UNIT_K: u32 = 1u;
+
+// Output feature of the tile's t-th accumulator row (>= p.n past the end).
+fn gemv_row(tile: u32, t: u32) -> u32 {
+    return tile * ROWS + t;
+}
+
+// Adds x[r, k] · W[n, k] into acc[t * MAX_M + r] for every owned row n = gemv_row(tile, t).
+fn gemv_unit(acc: ptr<function, array<f32, MAX_M * ROWS>>, tile: u32, k: u32) {
+    var xk: array<f32, MAX_M>;
+    for (var r = 0u; r < p.m; r++) {
+        xk[r] = x_at(r, k);
+    }
     for (var t = 0u; t < ROWS; t++) {
-        let n = n0 + t;
+        let n = gemv_row(tile, t);
         if (n < p.n) {
             let w = dequant_weight(n, k);
             for (var r = 0u; r < p.m; r++) {
@@ -27,17 +55,13 @@ fn accumulate(acc: ptr<function, array<f32, MAX_M * ROWS>>, n0: u32, k: u32,
         }
     }
 }
-
-#ifdef OFT_PROLOGUE
-var<workgroup> x_chunk: array<f32, MAX_M * CHUNK>;
 #endif
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
-    let n0 = (wid.x + wid.y * nwg.x) * ROWS;
+    let tile = wid.x + wid.y * nwg.x;
     var acc: array<f32, MAX_M * ROWS>;
-    var xk: array<f32, MAX_M>;
 #ifdef OFT_PROLOGUE
     for (var c0 = 0u; c0 < p.k; c0 += CHUNK) {
         for (var i = lid; i < p.m * CHUNK; i += WG) {
@@ -46,21 +70,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                 x_chunk[i] = rotated_x(i / CHUNK, k);
             }
         }
+        chunk_start = c0;
         workgroupBarrier();
-        for (var c = lid; c < CHUNK && c0 + c < p.k; c += WG) {
-            for (var r = 0u; r < p.m; r++) {
-                xk[r] = x_chunk[r * CHUNK + c];
-            }
-            accumulate(&acc, n0, c0 + c, xk);
+        for (var c = lid * UNIT_K; c < CHUNK && c0 + c < p.k; c += WG * UNIT_K) {
+            gemv_unit(&acc, tile, c0 + c);
         }
         workgroupBarrier();
     }
 #else
-    for (var k = lid; k < p.k; k += WG) {
-        for (var r = 0u; r < p.m; r++) {
-            xk[r] = f32(x[r * p.k + k]);
-        }
-        accumulate(&acc, n0, k, xk);
+    for (var k = lid * UNIT_K; k < p.k; k += WG * UNIT_K) {
+        gemv_unit(&acc, tile, k);
     }
 #endif
     for (var i = 0u; i < MAX_M * ROWS; i++) {
@@ -78,7 +97,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     if (lid < p.m * ROWS) {
         let t = lid / p.m;
         let r = lid % p.m;
-        let n = n0 + t;
+        let n = gemv_row(tile, t);
         if (n < p.n) {
             var v = partial[(t * MAX_M + r) * WG];
             var bias_value = 0.0;

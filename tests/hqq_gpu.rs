@@ -103,6 +103,42 @@ fn gpu_matmul_matches_cpu_for_every_bit_width_and_axis() {
 }
 
 #[test]
+fn gemv_decodes_a_word_at_a_time_where_the_layout_allows() {
+    let ctx = gpu();
+    // (out, in, nbits, group, axis, word decoder expected)
+    let cases = [
+        (32, 80, 8, 32, 1, true),
+        (32, 80, 4, 32, 0, true),
+        (32, 80, 2, 16, 1, true),
+        // Fields that are not whole bytes' quarters, or a K that splits a word.
+        (32, 80, 3, 32, 1, false),
+        (32, 80, 1, 32, 1, false),
+        (32, 78, 4, 16, 1, false),
+        // Groups of 2 put a word's elements in two groups; 18 axis-0 groups wrap inside a word.
+        (32, 80, 4, 2, 1, false),
+        (12, 48, 8, 32, 0, false),
+    ];
+    for (out, inp, nbits, group, axis, words) in cases {
+        let w = HqqWeight::quantize(
+            &random_matrix(out, inp, 0.05),
+            None,
+            &HqqConfig::new(nbits, group, axis),
+        )
+        .unwrap();
+        let gw = GpuQuantWeight::from_hqq(ctx, &w).unwrap();
+        assert_eq!(
+            gw.gemv_decodes_words(),
+            words,
+            "{out}x{inp} {nbits}-bit group {group} axis {axis}"
+        );
+    }
+    // Both decoders against the CPU on these layouts.
+    check_layer(32, 80, HqqConfig::new(4, 2, 1), &[1, 3]);
+    check_layer(12, 48, HqqConfig::new(8, 32, 0), &[1, 3]);
+    check_layer(36, 76, HqqConfig::new(2, 4, 1), &[2, 8]);
+}
+
+#[test]
 fn gpu_matmul_rounds_like_f16_and_bf16_compute() {
     for dtype in [ComputeDtype::F16, ComputeDtype::BF16] {
         let mut config = HqqConfig::new(4, 64, 1);

@@ -8,6 +8,11 @@ struct FormatParams {
     axis: u32,
     // Stored elements per slab: packed rows x packed cols.
     slab_len: u32,
+    // Rows of W per slab, where slabs hold whole rows (WORD_UNITS only).
+    slab_rows: u32,
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
 }
 
 @group(0) @binding(1) var<uniform> q: FormatParams;
@@ -41,3 +46,61 @@ fn dequant_weight(n: u32, k: u32) -> f32 {
     let g = hqq_group(f);
     return to_compute(to_compute(f32(hqq_code(f)) - zero[g]) * scale[g]);
 }
+
+#ifdef WORD_UNITS
+// Word-at-a-time decoding for the GEMV, for byte-packed fields (8, 4 and 2 bits) where the host
+// checked that each slab holds whole rows of W, 4 | K, and a word's four elements share a group
+// (axis 1) or sit in four consecutive groups (axis 0). The word holding slab element
+// e = pr * K + k0 (4 | k0) has inputs k0..k0+3 of packed row pr in every slab, and slab s feeds
+// output row s * slab_rows + pr: one load feeds SLABS rows, and a tile is PACKED_ROWS packed rows.
+const SLABS: u32 = 8u / FIELD_BITS;
+const PACKED_ROWS: u32 = ROWS / SLABS;
+const UNIT_K: u32 = 4u;
+
+fn gemv_row(tile: u32, t: u32) -> u32 {
+    let pr = tile * PACKED_ROWS + t % PACKED_ROWS;
+    if (pr >= q.slab_rows) {
+        return p.n;
+    }
+    return (t / PACKED_ROWS) * q.slab_rows + pr;
+}
+
+// The weights of flat indices f..f+3 whose fields sit in slab s of `word`.
+fn word_weights(word: u32, s: u32, f: u32) -> vec4<f32> {
+    let shift = 8u - FIELD_BITS * (s + 1u);
+    let mask = (1u << FIELD_BITS) - 1u;
+    let g0 = hqq_group(f);
+    var w: vec4<f32>;
+    for (var i = 0u; i < 4u; i++) {
+        var g = g0;
+        if (q.axis == 0u) {
+            g += i;
+        }
+        let code = (word >> (8u * i + shift)) & mask;
+        w[i] = to_compute(to_compute(f32(code) - zero[g]) * scale[g]);
+    }
+    return w;
+}
+
+// Adds x[r, k0..k0+3] · W[n, k0..k0+3] into acc[t * MAX_M + r] for n = gemv_row(tile, t).
+fn gemv_unit(acc: ptr<function, array<f32, MAX_M * ROWS>>, tile: u32, k0: u32) {
+    var xk: array<vec4<f32>, MAX_M>;
+    for (var r = 0u; r < p.m; r++) {
+        xk[r] = vec4<f32>(x_at(r, k0), x_at(r, k0 + 1u), x_at(r, k0 + 2u), x_at(r, k0 + 3u));
+    }
+    for (var j = 0u; j < PACKED_ROWS; j++) {
+        let pr = tile * PACKED_ROWS + j;
+        if (pr < q.slab_rows) {
+            let e = pr * p.k + k0;
+            let word = packed[e >> 2u];
+            for (var s = 0u; s < SLABS; s++) {
+                let w = word_weights(word, s, s * q.slab_len + e);
+                let t = s * PACKED_ROWS + j;
+                for (var r = 0u; r < p.m; r++) {
+                    (*acc)[t * MAX_M + r] += dot(w, xk[r]);
+                }
+            }
+        }
+    }
+}
+#endif

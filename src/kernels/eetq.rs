@@ -14,6 +14,7 @@ pub(crate) fn shader() -> FormatShader {
     FormatShader {
         flag: "EETQ",
         consts: vec![("COMPUTE", F16_COMPUTE)],
+        word_units: false,
     }
 }
 

@@ -27,6 +27,7 @@ pub(crate) fn shader(bits: u32, v1: bool) -> FormatShader {
             ("ZERO_OFFSET", v1 as u32),
             ("COMPUTE", F16_COMPUTE),
         ],
+        word_units: false,
     }
 }
 

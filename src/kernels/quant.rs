@@ -1,6 +1,7 @@
 //! The quantized matmul family (`shaders/quant_*.wgsl`), shared by every format: a weight stays
 //! packed on the GPU and each kernel decodes it in registers through the format's
-//! `dequant_weight(n, k)` (`shaders/formats/<format>.wgsl`).
+//! `dequant_weight(n, k)` (`shaders/formats/<format>.wgsl`), or in the GEMV a packed word at a
+//! time where the format provides `gemv_unit` and the weight's shape allows it.
 
 use crate::error::{Error, Result};
 use crate::formats::split::{RowSplit, plan_row_splits};
@@ -39,6 +40,9 @@ pub struct FormatShader {
     /// `HQQ`, `GPTQ` or `EETQ`: the `#ifdef` that pulls in `shaders/formats/<format>.wgsl`.
     pub flag: &'static str,
     pub consts: Vec<(&'static str, u32)>,
+    /// The GEMV decodes a packed word at a time (`WORD_UNITS`): the format's layout and this
+    /// weight's shape allow it.
+    pub word_units: bool,
 }
 
 impl FormatShader {
@@ -56,7 +60,8 @@ impl FormatShader {
             .constant("WG", GEMV_WORKGROUP)
             .constant("MAX_M", GEMV_MAX_ROWS as u32)
             .constant("ROWS", GEMV_ROWS_PER_WORKGROUP as u32)
-            .constant("CHUNK", GEMV_OFT_CHUNK);
+            .constant("CHUNK", GEMV_OFT_CHUNK)
+            .flag("WORD_UNITS", self.word_units);
         with_fused_flags(key, oft, lora)
     }
 
@@ -211,6 +216,12 @@ impl GpuQuantWeight {
             0
         };
         slices + whole_bias
+    }
+
+    /// Whether the GEMV decodes this weight a packed word at a time (in every row slice) rather
+    /// than an element at a time.
+    pub fn gemv_decodes_words(&self) -> bool {
+        self.slices.iter().all(|s| s.shader.word_units)
     }
 
     /// Row slices the weight is bound as (one unless it exceeds a binding).
