@@ -46,8 +46,14 @@ fn check(weight: &QuantWeight) {
     }
 }
 
-fn gptq(bits: u32, group_size: Option<usize>, zeros: GptqZeros, act_order: bool) -> GptqWeight {
-    let (out, inp) = (40, 200);
+fn gptq(
+    bits: u32,
+    inp: usize,
+    group_size: Option<usize>,
+    zeros: GptqZeros,
+    act_order: bool,
+) -> GptqWeight {
+    let out = 40;
     let config = GptqConfig {
         bits,
         group_size,
@@ -71,12 +77,19 @@ fn gptq_matches_cpu_for_every_bit_width_zero_convention_and_act_order() {
     for bits in [2, 3, 4, 8] {
         for zeros in [GptqZeros::V1, GptqZeros::V2] {
             for act_order in [false, true] {
-                // 200 inputs in groups of 64: the last group is short.
-                check(&QuantWeight::Gptq(gptq(bits, Some(64), zeros, act_order)));
+                // Inputs in groups of 64: the last group is short. A qweight word holds
+                // 32 / bits inputs: 200 leaves 2-bit's last word partial, 208 does not.
+                for inp in [200, 208] {
+                    let w = QuantWeight::Gptq(gptq(bits, inp, Some(64), zeros, act_order));
+                    let words = bits != 3 && inp.is_multiple_of(32 / bits as usize);
+                    let gw = GpuQuantWeight::upload(gpu(), &w).unwrap();
+                    assert_eq!(gw.gemv_decodes_words(), words, "{bits}-bit, {inp} inputs");
+                    check(&w);
+                }
             }
         }
     }
-    check(&QuantWeight::Gptq(gptq(4, None, GptqZeros::V1, false)));
+    check(&QuantWeight::Gptq(gptq(4, 200, None, GptqZeros::V1, false)));
 }
 
 #[test]
@@ -90,7 +103,7 @@ fn eetq_matches_cpu() {
 fn lora_runs_on_gptq_and_eetq_bases() {
     let ctx = gpu();
     let bases = [
-        QuantWeight::Gptq(gptq(4, Some(64), GptqZeros::V1, true)),
+        QuantWeight::Gptq(gptq(4, 200, Some(64), GptqZeros::V1, true)),
         QuantWeight::Eetq(EetqWeight::quantize(&random_matrix(64, 128, 0.1)).unwrap()),
     ];
     for base in bases {

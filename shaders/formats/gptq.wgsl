@@ -52,3 +52,54 @@ fn dequant_weight(n: u32, k: u32) -> f32 {
     let diff = i32(gptq_code(k, n)) - i32(gptq_zero(g, n));
     return to_compute(scales[g * p.n + n] * f32(diff));
 }
+
+#ifdef WORD_UNITS
+// Word-at-a-time decoding for the GEMV, for widths whose fields never straddle a word (2, 4 and
+// 8 bits) and 32 / BITS | K: the word (k0 / UNIT_K, n) of qweight holds inputs k0..k0+UNIT_K-1
+// of row n. A unit loads one word per owned row and fetches a group's zero and scale once per
+// run of inputs in that group (every input of a word unless act-order interleaves groups).
+const UNIT_K: u32 = 32u / BITS;
+
+fn gemv_row(tile: u32, t: u32) -> u32 {
+    return tile * ROWS + t;
+}
+
+fn gemv_unit(acc: ptr<function, array<f32, MAX_M * ROWS>>, tile: u32, k0: u32) {
+    var words: array<u32, ROWS>;
+    var unit_zero: array<i32, ROWS>;
+    var unit_scale: array<f32, ROWS>;
+    for (var t = 0u; t < ROWS; t++) {
+        let n = gemv_row(tile, t);
+        if (n < p.n) {
+            words[t] = qweight[(k0 / UNIT_K) * p.n + n];
+        }
+    }
+    var group = 0xffffffffu;
+    var xk: array<f32, MAX_M>;
+    for (var j = 0u; j < UNIT_K; j++) {
+        let k = k0 + j;
+        if (g_idx[k] != group) {
+            group = g_idx[k];
+            for (var t = 0u; t < ROWS; t++) {
+                let n = gemv_row(tile, t);
+                if (n < p.n) {
+                    unit_zero[t] = i32(gptq_zero(group, n));
+                    unit_scale[t] = scales[group * p.n + n];
+                }
+            }
+        }
+        for (var r = 0u; r < p.m; r++) {
+            xk[r] = x_at(r, k);
+        }
+        for (var t = 0u; t < ROWS; t++) {
+            if (gemv_row(tile, t) < p.n) {
+                let code = i32((words[t] >> (BITS * j)) & MASK);
+                let w = to_compute(unit_scale[t] * f32(code - unit_zero[t]));
+                for (var r = 0u; r < p.m; r++) {
+                    (*acc)[t * MAX_M + r] += w * xk[r];
+                }
+            }
+        }
+    }
+}
+#endif

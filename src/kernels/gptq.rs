@@ -19,7 +19,10 @@ struct GptqParams {
 }
 
 /// The specialization for `bits` (2, 3, 4 or 8) and the zero convention (`v1`: stored minus one).
-pub(crate) fn shader(bits: u32, v1: bool) -> FormatShader {
+/// Bit widths whose GEMV can decode a qweight word at a time: fields never straddle words.
+const WORD_BITS: [u32; 3] = [2, 4, 8];
+
+pub(crate) fn shader(bits: u32, v1: bool, word_units: bool) -> FormatShader {
     FormatShader {
         flag: "GPTQ",
         consts: vec![
@@ -27,7 +30,7 @@ pub(crate) fn shader(bits: u32, v1: bool) -> FormatShader {
             ("ZERO_OFFSET", v1 as u32),
             ("COMPUTE", F16_COMPUTE),
         ],
-        word_units: false,
+        word_units,
     }
 }
 
@@ -35,7 +38,10 @@ pub fn shader_keys() -> Vec<ShaderKey> {
     let mut keys = Vec::new();
     for bits in [2, 3, 4, 8] {
         for v1 in [false, true] {
-            keys.extend(shader(bits, v1).keys());
+            keys.extend(shader(bits, v1, false).keys());
+            if WORD_BITS.contains(&bits) {
+                keys.extend(shader(bits, v1, true).keys());
+            }
         }
     }
     keys
@@ -44,6 +50,10 @@ pub fn shader_keys() -> Vec<ShaderKey> {
 impl GpuQuantWeight {
     /// Uploads a GPTQ weight as stored: packed qweight and qzeros words, scales, g_idx.
     pub fn from_gptq(ctx: &GpuContext, w: &GptqWeight) -> Result<Self> {
+        let bits = w.config.bits;
+        // A word holds 32 / bits consecutive inputs; the last word must be whole.
+        let word_units =
+            WORD_BITS.contains(&bits) && w.in_features.is_multiple_of((32 / bits) as usize);
         let params = GptqParams {
             zero_words: w.qzeros_cols() as u32,
             pad: [0; 3],
@@ -67,7 +77,7 @@ impl GpuQuantWeight {
         Self::new(
             ctx,
             (w.out_features, w.in_features),
-            shader(w.config.bits, w.config.zeros == GptqZeros::V1),
+            shader(bits, w.config.zeros == GptqZeros::V1, word_units),
             bindings,
             w.bias.as_deref(),
         )
