@@ -82,14 +82,21 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         gemv_unit(&acc, tile, k);
     }
 #endif
-    for (var i = 0u; i < MAX_M * ROWS; i++) {
-        partial[i * WG + lid] = acc[i];
+    // Only the p.m rows of x in use are reduced.
+    for (var t = 0u; t < ROWS; t++) {
+        for (var r = 0u; r < p.m; r++) {
+            let i = t * MAX_M + r;
+            partial[i * WG + lid] = acc[i];
+        }
     }
     workgroupBarrier();
     for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
         if (lid < stride) {
-            for (var i = 0u; i < MAX_M * ROWS; i++) {
-                partial[i * WG + lid] += partial[i * WG + lid + stride];
+            for (var t = 0u; t < ROWS; t++) {
+                for (var r = 0u; r < p.m; r++) {
+                    let i = t * MAX_M + r;
+                    partial[i * WG + lid] += partial[i * WG + lid + stride];
+                }
             }
         }
         workgroupBarrier();

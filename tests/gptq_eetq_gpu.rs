@@ -94,9 +94,15 @@ fn gptq_matches_cpu_for_every_bit_width_zero_convention_and_act_order() {
 
 #[test]
 fn eetq_matches_cpu() {
-    let mut w = EetqWeight::quantize(&random_matrix(96, 128, 0.1)).unwrap();
-    w.bias = Some(random_matrix(1, 96, 0.2).data);
-    check(&QuantWeight::Eetq(w));
+    // 96 outputs: a code word holds four outputs; 94: rows of codes end mid-word.
+    for (out, words) in [(96, true), (94, false)] {
+        let mut w = EetqWeight::quantize(&random_matrix(out, 128, 0.1)).unwrap();
+        w.bias = Some(random_matrix(1, out, 0.2).data);
+        let w = QuantWeight::Eetq(w);
+        let gw = GpuQuantWeight::upload(gpu(), &w).unwrap();
+        assert_eq!(gw.gemv_decodes_words(), words, "{out} outputs");
+        check(&w);
+    }
 }
 
 #[test]

@@ -10,16 +10,18 @@ use crate::kernels::quant::{FormatShader, GpuQuantWeight};
 /// The dequantized weight is fp16 (`COMPUTE` in `shaders/common/rounding.wgsl`).
 const F16_COMPUTE: u32 = 1;
 
-pub(crate) fn shader() -> FormatShader {
+pub(crate) fn shader(word_units: bool) -> FormatShader {
     FormatShader {
         flag: "EETQ",
         consts: vec![("COMPUTE", F16_COMPUTE)],
-        word_units: false,
+        word_units,
     }
 }
 
 pub fn shader_keys() -> Vec<ShaderKey> {
-    shader().keys()
+    let mut keys = shader(false).keys();
+    keys.extend(shader(true).keys());
+    keys
 }
 
 impl GpuQuantWeight {
@@ -33,7 +35,8 @@ impl GpuQuantWeight {
         Self::new(
             ctx,
             (w.out_features, w.in_features),
-            shader(),
+            // A code word holds four outputs of one input when every row of codes is whole words.
+            shader(w.out_features.is_multiple_of(4)),
             bindings,
             w.bias.as_deref(),
         )
