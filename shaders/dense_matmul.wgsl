@@ -36,7 +36,7 @@ fn finish(row: u32, col: u32, acc: f32) {
     y[row * p.n + col] = Act(v);
 }
 
-// A few rows (M <= MAX_M): one workgroup per output feature, each invocation takes whole words
+// A few rows (M <= MAX_M, the specialization's power of two): one workgroup per output feature, each invocation takes whole words
 // (two k) strided over K, and the workgroup reduces in shared memory.
 @compute @workgroup_size(WG)
 fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -49,12 +49,14 @@ fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             let pair = unpack2x16float(weight[n * words + w]);
             let k = 2u * w;
             let has_second = k + 1u < p.k;
-            for (var r = 0u; r < p.m; r++) {
-                var v = pair.x * f32(x[r * p.k + k]);
-                if (has_second) {
-                    v += pair.y * f32(x[r * p.k + k + 1u]);
+            for (var r = 0u; r < MAX_M; r++) {
+                if (r < p.m) {
+                    var v = pair.x * f32(x[r * p.k + k]);
+                    if (has_second) {
+                        v += pair.y * f32(x[r * p.k + k + 1u]);
+                    }
+                    acc[r] += v;
                 }
-                acc[r] += v;
             }
         }
     }

@@ -1,4 +1,5 @@
-// y = x · Wᵀ + bias for a few rows of x (M <= MAX_M): each workgroup owns one tile of ROWS output
+// y = x · Wᵀ + bias for a few rows of x (M <= MAX_M, the specialization's power of two, so loops
+// over rows have constant bounds; rows past M see x = 0 and are never written): each workgroup owns one tile of ROWS output
 // features, its invocations stride over K one unit at a time and reduce in workgroup memory.
 // A unit is UNIT_K consecutive inputs of the tile's rows: one element here, or with WORD_UNITS
 // one packed word decoded by the format (`gemv_unit` in shaders/formats/<format>.wgsl), so each
@@ -42,14 +43,16 @@ fn gemv_row(tile: u32, t: u32) -> u32 {
 // Adds x[r, k] · W[n, k] into acc[t * MAX_M + r] for every owned row n = gemv_row(tile, t).
 fn gemv_unit(acc: ptr<function, array<f32, MAX_M * ROWS>>, tile: u32, k: u32) {
     var xk: array<f32, MAX_M>;
-    for (var r = 0u; r < p.m; r++) {
-        xk[r] = x_at(r, k);
+    for (var r = 0u; r < MAX_M; r++) {
+        if (r < p.m) {
+            xk[r] = x_at(r, k);
+        }
     }
     for (var t = 0u; t < ROWS; t++) {
         let n = gemv_row(tile, t);
         if (n < p.n) {
             let w = dequant_weight(n, k);
-            for (var r = 0u; r < p.m; r++) {
+            for (var r = 0u; r < MAX_M; r++) {
                 (*acc)[t * MAX_M + r] += w * xk[r];
             }
         }
@@ -82,21 +85,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         gemv_unit(&acc, tile, k);
     }
 #endif
-    // Only the p.m rows of x in use are reduced.
-    for (var t = 0u; t < ROWS; t++) {
-        for (var r = 0u; r < p.m; r++) {
-            let i = t * MAX_M + r;
-            partial[i * WG + lid] = acc[i];
-        }
+    for (var i = 0u; i < MAX_M * ROWS; i++) {
+        partial[i * WG + lid] = acc[i];
     }
     workgroupBarrier();
     for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
         if (lid < stride) {
-            for (var t = 0u; t < ROWS; t++) {
-                for (var r = 0u; r < p.m; r++) {
-                    let i = t * MAX_M + r;
-                    partial[i * WG + lid] += partial[i * WG + lid + stride];
-                }
+            for (var i = 0u; i < MAX_M * ROWS; i++) {
+                partial[i * WG + lid] += partial[i * WG + lid + stride];
             }
         }
         workgroupBarrier();

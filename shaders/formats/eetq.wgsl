@@ -28,8 +28,10 @@ fn gemv_row(tile: u32, t: u32) -> u32 {
 
 fn gemv_unit(acc: ptr<function, array<f32, MAX_M * ROWS>>, tile: u32, k: u32) {
     var xk: array<f32, MAX_M>;
-    for (var r = 0u; r < p.m; r++) {
-        xk[r] = x_at(r, k);
+    for (var r = 0u; r < MAX_M; r++) {
+        if (r < p.m) {
+            xk[r] = x_at(r, k);
+        }
     }
     var word = 0u;
     for (var t = 0u; t < ROWS; t++) {
@@ -40,7 +42,7 @@ fn gemv_unit(acc: ptr<function, array<f32, MAX_M * ROWS>>, tile: u32, k: u32) {
             }
             let code = i32(word << (24u - 8u * (t % 4u))) >> 24u;
             let w = to_compute(f32(code) * scales[n]);
-            for (var r = 0u; r < p.m; r++) {
+            for (var r = 0u; r < MAX_M; r++) {
                 (*acc)[t * MAX_M + r] += w * xk[r];
             }
         }

@@ -88,14 +88,16 @@ fn gemv_unit(acc: ptr<function, array<f32, MAX_M * ROWS>>, tile: u32, k0: u32) {
                 }
             }
         }
-        for (var r = 0u; r < p.m; r++) {
-            xk[r] = x_at(r, k);
+        for (var r = 0u; r < MAX_M; r++) {
+            if (r < p.m) {
+                xk[r] = x_at(r, k);
+            }
         }
         for (var t = 0u; t < ROWS; t++) {
             if (gemv_row(tile, t) < p.n) {
                 let code = i32((words[t] >> (BITS * j)) & MASK);
                 let w = to_compute(unit_scale[t] * f32(code - unit_zero[t]));
-                for (var r = 0u; r < p.m; r++) {
+                for (var r = 0u; r < MAX_M; r++) {
                     (*acc)[t * MAX_M + r] += w * xk[r];
                 }
             }

@@ -85,8 +85,10 @@ fn word_weights(word: u32, s: u32, f: u32) -> vec4<f32> {
 // Adds x[r, k0..k0+3] · W[n, k0..k0+3] into acc[t * MAX_M + r] for n = gemv_row(tile, t).
 fn gemv_unit(acc: ptr<function, array<f32, MAX_M * ROWS>>, tile: u32, k0: u32) {
     var xk: array<vec4<f32>, MAX_M>;
-    for (var r = 0u; r < p.m; r++) {
-        xk[r] = vec4<f32>(x_at(r, k0), x_at(r, k0 + 1u), x_at(r, k0 + 2u), x_at(r, k0 + 3u));
+    for (var r = 0u; r < MAX_M; r++) {
+        if (r < p.m) {
+            xk[r] = vec4<f32>(x_at(r, k0), x_at(r, k0 + 1u), x_at(r, k0 + 2u), x_at(r, k0 + 3u));
+        }
     }
     for (var j = 0u; j < PACKED_ROWS; j++) {
         let pr = tile * PACKED_ROWS + j;
@@ -96,7 +98,7 @@ fn gemv_unit(acc: ptr<function, array<f32, MAX_M * ROWS>>, tile: u32, k0: u32) {
             for (var s = 0u; s < SLABS; s++) {
                 let w = word_weights(word, s, s * q.slab_len + e);
                 let t = s * PACKED_ROWS + j;
-                for (var r = 0u; r < p.m; r++) {
+                for (var r = 0u; r < MAX_M; r++) {
                     (*acc)[t * MAX_M + r] += dot(w, xk[r]);
                 }
             }

@@ -6,7 +6,9 @@ use crate::error::{Error, Result};
 use crate::gpu::buffers::{storage_from_bytes, storage_from_f32, uniform};
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
-use crate::kernels::{Dispatch, GEMV_MAX_ROWS, MatmulPath, bind, check_io, grid};
+use crate::kernels::{
+    Dispatch, GEMV_MAX_ROWS, GEMV_ROW_SPECIALIZATIONS, MatmulPath, bind, check_io, gemv_max_m, grid,
+};
 use crate::tensor::Matrix;
 
 const GEMV_WORKGROUP: u32 = 64;
@@ -22,26 +24,26 @@ struct DenseParams {
     has_bias: u32,
 }
 
-fn key(entry: &'static str, act: ActDtype) -> ShaderKey {
+/// The kernel for `rows` rows of x on `path`; the GEMV is specialized for its row count as the
+/// quantized one is.
+fn key(path: MatmulPath, act: ActDtype, rows: usize) -> ShaderKey {
+    let (entry, max_m) = match path {
+        MatmulPath::Gemv => ("gemv", gemv_max_m(rows)),
+        MatmulPath::Tiled => ("gemm", GEMV_MAX_ROWS as u32),
+    };
     ShaderKey::new("dense_matmul", entry, act)
         .constant("WG", GEMV_WORKGROUP)
-        .constant("MAX_M", GEMV_MAX_ROWS as u32)
+        .constant("MAX_M", max_m)
         .constant("TILE", GEMM_TILE)
-}
-
-fn entry(path: MatmulPath) -> &'static str {
-    match path {
-        MatmulPath::Gemv => "gemv",
-        MatmulPath::Tiled => "gemm",
-    }
 }
 
 pub fn shader_keys() -> Vec<ShaderKey> {
     let mut keys = Vec::new();
     for act in [ActDtype::F32, ActDtype::F16] {
-        for path in [MatmulPath::Gemv, MatmulPath::Tiled] {
-            keys.push(key(entry(path), act));
+        for rows in GEMV_ROW_SPECIALIZATIONS {
+            keys.push(key(MatmulPath::Gemv, act, rows));
         }
+        keys.push(key(MatmulPath::Tiled, act, GEMV_MAX_ROWS + 1));
     }
     keys
 }
@@ -128,7 +130,7 @@ impl GpuDenseWeight {
                 x.rows, self.out_features
             )));
         }
-        let pipeline = ctx.pipeline(&key(entry(path), x.dtype))?;
+        let pipeline = ctx.pipeline(&key(path, x.dtype, x.rows))?;
         let params = uniform(
             ctx,
             "dense params",

@@ -37,6 +37,15 @@ pub enum MatmulPath {
 /// Rows of x up to which the GEMV runs (each invocation keeps one accumulator per row).
 pub const GEMV_MAX_ROWS: usize = 8;
 
+/// The GEMV is specialized for its row count rounded up to a power of two (`MAX_M`), so its
+/// loops over rows have constant bounds and the accumulators stay in registers.
+pub const GEMV_ROW_SPECIALIZATIONS: [usize; 4] = [1, 2, 4, 8];
+
+/// `MAX_M` of the GEMV specialization for `rows` rows (at most [`GEMV_MAX_ROWS`]).
+pub(crate) fn gemv_max_m(rows: usize) -> u32 {
+    rows.max(1).next_power_of_two() as u32
+}
+
 impl MatmulPath {
     pub fn for_rows(rows: usize) -> Self {
         if rows <= GEMV_MAX_ROWS {

@@ -10,7 +10,9 @@ use crate::gpu::buffers::{poisoned_f32, read_f32, storage_from_f32, uniform};
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
 use crate::kernels::fused::{EpilogueKind, Fused, extra_storage_bindings, with_fused_flags};
-use crate::kernels::{Dispatch, GEMV_MAX_ROWS, MatmulPath, bind, check_io, grid};
+use crate::kernels::{
+    Dispatch, GEMV_MAX_ROWS, GEMV_ROW_SPECIALIZATIONS, MatmulPath, bind, check_io, gemv_max_m, grid,
+};
 use crate::tensor::Matrix;
 
 const GEMV_WORKGROUP: u32 = 64;
@@ -54,11 +56,17 @@ impl FormatShader {
         key
     }
 
-    fn gemv_key(&self, act: ActDtype, oft: bool, lora: Option<EpilogueKind>) -> ShaderKey {
+    fn gemv_key(
+        &self,
+        act: ActDtype,
+        rows: usize,
+        oft: bool,
+        lora: Option<EpilogueKind>,
+    ) -> ShaderKey {
         let key = self
             .key("quant_gemv", act)
             .constant("WG", GEMV_WORKGROUP)
-            .constant("MAX_M", GEMV_MAX_ROWS as u32)
+            .constant("MAX_M", gemv_max_m(rows))
             .constant("ROWS", GEMV_ROWS_PER_WORKGROUP as u32)
             .constant("CHUNK", GEMV_OFT_CHUNK)
             .flag("WORD_UNITS", self.word_units);
@@ -80,8 +88,10 @@ impl FormatShader {
         for act in [ActDtype::F32, ActDtype::F16] {
             let epilogues = [None, Some(EpilogueKind::Single), Some(EpilogueKind::PerRow)];
             for lora in epilogues {
-                keys.push(self.gemv_key(act, false, lora));
-                keys.push(self.gemv_key(act, true, lora));
+                for rows in GEMV_ROW_SPECIALIZATIONS {
+                    keys.push(self.gemv_key(act, rows, false, lora));
+                    keys.push(self.gemv_key(act, rows, true, lora));
+                }
                 keys.push(self.gemm_key(act, lora));
             }
         }
@@ -340,9 +350,12 @@ impl GpuQuantWeight {
         for slice in &self.slices {
             let (key, groups) = match path {
                 MatmulPath::Gemv => (
-                    slice
-                        .shader
-                        .gemv_key(x.dtype, fused.oft.is_some(), fused.epilogue_kind()),
+                    slice.shader.gemv_key(
+                        x.dtype,
+                        x.rows,
+                        fused.oft.is_some(),
+                        fused.epilogue_kind(),
+                    ),
                     grid(slice.rows.div_ceil(GEMV_ROWS_PER_WORKGROUP) as u32),
                 ),
                 MatmulPath::Tiled => (
