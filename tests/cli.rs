@@ -125,3 +125,45 @@ fn verify_golden_reports_broken_cases_and_counts() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn bench_takes_its_shapes_and_rows_from_the_command_line() {
+    let json = std::env::temp_dir().join(format!("quantadapt-bench-{}.json", std::process::id()));
+    let (code, text) = quantadapt(&[
+        "bench",
+        "--scale",
+        "tiny",
+        "--shapes",
+        "40x64",
+        "--rows",
+        "1,3",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{text}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    std::fs::remove_file(&json).unwrap();
+    let base_items: Vec<(u64, u64, u64)> = report["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["group"] == "base")
+        .map(|e| {
+            let dim = |k: &str| e[k].as_u64().unwrap();
+            (dim("out_features"), dim("in_features"), dim("m"))
+        })
+        .collect();
+    assert!(!base_items.is_empty());
+    for (out, inp, m) in base_items {
+        assert_eq!((out, inp), (40, 64));
+        assert!(m == 1 || m == 3, "m = {m}");
+    }
+    for bad in ["40by64", "0x64", "40x"] {
+        let (code, text) = quantadapt(&["bench", "--shapes", bad]);
+        assert_ne!(code, 0, "{bad}");
+        assert!(text.contains(bad), "{bad}: {text}");
+    }
+    let (code, _) = quantadapt(&["bench", "--rows", "0"]);
+    assert_ne!(code, 0);
+}

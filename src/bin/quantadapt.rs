@@ -82,11 +82,31 @@ enum Command {
         /// Write the ratios and targets as Markdown (for BENCHMARKS.md).
         #[arg(long)]
         markdown: Option<PathBuf>,
-        /// full: the shapes (a real GPU); small: dimensions / 8 (a software adapter);
+        /// full: the shapes (a real GPU); small: dimensions / 16 (a software adapter);
         /// tiny: one small shape (checks); auto: full unless the adapter is software.
         #[arg(long, value_enum, default_value_t = ScaleArg::Auto)]
         scale: ScaleArg,
+        /// Replace the scale's matmul shapes, as OUTxIN, comma-separated (e.g. 1024x2048).
+        #[arg(long, value_delimiter = ',', value_parser = parse_shape)]
+        shapes: Vec<(usize, usize)>,
+        /// Replace the scale's rows of x for the matmuls, comma-separated (e.g. 1,8).
+        #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..))]
+        rows: Vec<u32>,
     },
+}
+
+/// `OUTxIN`, both at least 1.
+fn parse_shape(text: &str) -> std::result::Result<(usize, usize), String> {
+    let parse = |dim: &str| dim.trim().parse::<usize>().ok().filter(|d| *d > 0);
+    match text.split_once('x') {
+        Some((out, inp)) => match (parse(out), parse(inp)) {
+            (Some(out), Some(inp)) => Ok((out, inp)),
+            _ => Err(format!(
+                "{text:?}: both dimensions must be positive integers"
+            )),
+        },
+        None => Err(format!("{text:?} is not OUTxIN")),
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -145,11 +165,15 @@ fn main() -> ExitCode {
             svg,
             markdown,
             scale,
+            shapes,
+            rows,
         } => bench(BenchArgs {
             json,
             svg,
             markdown,
             scale,
+            shapes,
+            rows: rows.into_iter().map(|m| m as usize).collect(),
         }),
     };
     match result {
@@ -441,6 +465,9 @@ struct BenchArgs {
     svg: Option<PathBuf>,
     markdown: Option<PathBuf>,
     scale: ScaleArg,
+    /// Replace the plan's shapes and matmul rows where not empty.
+    shapes: Vec<(usize, usize)>,
+    rows: Vec<usize>,
 }
 
 /// Fails before a long run if an output could not be written: its folder does not exist.
@@ -481,7 +508,14 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
     let command = std::env::args()
         .skip(1)
         .fold("quantadapt".to_string(), |line, arg| line + " " + &arg);
-    let report = quantadapt::bench::run(&ctx, &Plan::new(scale), &command, &mut |e| {
+    let mut plan = Plan::new(scale);
+    if !args.shapes.is_empty() {
+        plan.shapes = args.shapes;
+    }
+    if !args.rows.is_empty() {
+        plan.rows = args.rows;
+    }
+    let report = quantadapt::bench::run(&ctx, &plan, &command, &mut |e| {
         eprintln!(
             "  {} {}x{} M={}: {:.1} us",
             e.name, e.out_features, e.in_features, e.m, e.us
