@@ -48,12 +48,11 @@ fn check(weight: &QuantWeight) {
 
 fn gptq(
     bits: u32,
-    inp: usize,
+    (out, inp): (usize, usize),
     group_size: Option<usize>,
     zeros: GptqZeros,
     act_order: bool,
 ) -> GptqWeight {
-    let out = 40;
     let config = GptqConfig {
         bits,
         group_size,
@@ -80,7 +79,7 @@ fn gptq_matches_cpu_for_every_bit_width_zero_convention_and_act_order() {
                 // Inputs in groups of 64: the last group is short. A qweight word holds
                 // 32 / bits inputs: 200 leaves 2-bit's last word partial, 208 does not.
                 for inp in [200, 208] {
-                    let w = QuantWeight::Gptq(gptq(bits, inp, Some(64), zeros, act_order));
+                    let w = QuantWeight::Gptq(gptq(bits, (40, inp), Some(64), zeros, act_order));
                     let words = bits != 3 && inp.is_multiple_of(32 / bits as usize);
                     let gw = GpuQuantWeight::upload(gpu(), &w).unwrap();
                     assert_eq!(gw.gemv_decodes_words(), words, "{bits}-bit, {inp} inputs");
@@ -89,7 +88,21 @@ fn gptq_matches_cpu_for_every_bit_width_zero_convention_and_act_order() {
             }
         }
     }
-    check(&QuantWeight::Gptq(gptq(4, 200, None, GptqZeros::V1, false)));
+    check(&QuantWeight::Gptq(gptq(
+        4,
+        (40, 200),
+        None,
+        GptqZeros::V1,
+        false,
+    )));
+    // A GEMV tile reads its four rows' words as one vec4: 42 outputs leave the last tile short.
+    let w = QuantWeight::Gptq(gptq(4, (42, 208), Some(64), GptqZeros::V2, true));
+    assert!(
+        !GpuQuantWeight::upload(gpu(), &w)
+            .unwrap()
+            .gemv_decodes_words()
+    );
+    check(&w);
 }
 
 #[test]
@@ -109,7 +122,7 @@ fn eetq_matches_cpu() {
 fn lora_runs_on_gptq_and_eetq_bases() {
     let ctx = gpu();
     let bases = [
-        QuantWeight::Gptq(gptq(4, 200, Some(64), GptqZeros::V1, true)),
+        QuantWeight::Gptq(gptq(4, (40, 200), Some(64), GptqZeros::V1, true)),
         QuantWeight::Eetq(EetqWeight::quantize(&random_matrix(64, 128, 0.1)).unwrap()),
     ];
     for base in bases {

@@ -110,10 +110,12 @@ fn gemv_decodes_a_word_at_a_time_where_the_layout_allows() {
         (32, 80, 8, 32, 1, true),
         (32, 80, 4, 32, 0, true),
         (32, 80, 2, 16, 1, true),
-        // Fields that are not whole bytes' quarters, or a K that splits a word.
+        (36, 96, 2, 4, 1, true),
+        // Fields that are not whole bytes' quarters, or a K that splits a 16-byte unit.
         (32, 80, 3, 32, 1, false),
         (32, 80, 1, 32, 1, false),
         (32, 78, 4, 16, 1, false),
+        (32, 72, 4, 8, 1, false),
         // Groups of 2 put a word's elements in two groups; 18 axis-0 groups wrap inside a word.
         (32, 80, 4, 2, 1, false),
         (12, 48, 8, 32, 0, false),
@@ -135,7 +137,8 @@ fn gemv_decodes_a_word_at_a_time_where_the_layout_allows() {
     // Both decoders against the CPU on these layouts.
     check_layer(32, 80, HqqConfig::new(4, 2, 1), &[1, 3]);
     check_layer(12, 48, HqqConfig::new(8, 32, 0), &[1, 3]);
-    check_layer(36, 76, HqqConfig::new(2, 4, 1), &[2, 8]);
+    check_layer(36, 96, HqqConfig::new(2, 4, 1), &[2, 8]);
+    check_layer(32, 72, HqqConfig::new(4, 8, 1), &[1, 4]);
 }
 
 #[test]

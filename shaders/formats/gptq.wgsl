@@ -11,7 +11,20 @@ struct FormatParams {
 }
 
 @group(0) @binding(1) var<uniform> q: FormatParams;
+#ifdef WORD_UNITS
+// Read a tile's four rows at a time by the GEMV's units.
+@group(0) @binding(2) var<storage, read> qweight: array<vec4<u32>>;
+
+fn qweight_word(i: u32) -> u32 {
+    return qweight[i >> 2u][i & 3u];
+}
+#else
 @group(0) @binding(2) var<storage, read> qweight: array<u32>;
+
+fn qweight_word(i: u32) -> u32 {
+    return qweight[i];
+}
+#endif
 @group(0) @binding(3) var<storage, read> qzeros: array<u32>;
 @group(0) @binding(4) var<storage, read> scales: array<f32>;
 @group(0) @binding(5) var<storage, read> g_idx: array<u32>;
@@ -30,9 +43,9 @@ fn stream_field(i: u32) -> vec2<u32> {
 
 fn gptq_code(k: u32, n: u32) -> u32 {
     let at = stream_field(k);
-    var v = qweight[at.x * p.n + n] >> at.y;
+    var v = qweight_word(at.x * p.n + n) >> at.y;
     if (at.y > 32u - BITS) {
-        v |= qweight[(at.x + 1u) * p.n + n] << (32u - at.y);
+        v |= qweight_word((at.x + 1u) * p.n + n) << (32u - at.y);
     }
     return v & MASK;
 }
@@ -55,9 +68,10 @@ fn dequant_weight(n: u32, k: u32) -> f32 {
 
 #ifdef WORD_UNITS
 // Word-at-a-time decoding for the GEMV, for widths whose fields never straddle a word (2, 4 and
-// 8 bits) and 32 / BITS | K: the word (k0 / UNIT_K, n) of qweight holds inputs k0..k0+UNIT_K-1
-// of row n. A unit loads one word per owned row and fetches a group's zero and scale once per
-// run of inputs in that group (every input of a word unless act-order interleaves groups).
+// 8 bits), 32 / BITS | K and 4 | N: the word (k0 / UNIT_K, n) of qweight holds inputs
+// k0..k0+UNIT_K-1 of row n, and the words of a tile's ROWS = 4 rows are one 16-byte load. A
+// unit fetches a group's zero and scale once per run of inputs in that group (every input of a
+// word unless act-order interleaves groups).
 const UNIT_K: u32 = 32u / BITS;
 
 fn gemv_row(tile: u32, t: u32) -> u32 {
@@ -65,15 +79,9 @@ fn gemv_row(tile: u32, t: u32) -> u32 {
 }
 
 fn gemv_unit(acc: ptr<function, array<f32, MAX_M * ROWS>>, tile: u32, k0: u32) {
-    var words: array<u32, ROWS>;
+    let words = qweight[((k0 / UNIT_K) * p.n + gemv_row(tile, 0u)) >> 2u];
     var unit_zero: array<i32, ROWS>;
     var unit_scale: array<f32, ROWS>;
-    for (var t = 0u; t < ROWS; t++) {
-        let n = gemv_row(tile, t);
-        if (n < p.n) {
-            words[t] = qweight[(k0 / UNIT_K) * p.n + n];
-        }
-    }
     var group = 0xffffffffu;
     var xk: array<f32, MAX_M>;
     for (var j = 0u; j < UNIT_K; j++) {

@@ -16,7 +16,20 @@ struct FormatParams {
 }
 
 @group(0) @binding(1) var<uniform> q: FormatParams;
+#ifdef WORD_UNITS
+// Read 16 bytes at a time by the GEMV's units.
+@group(0) @binding(2) var<storage, read> packed: array<vec4<u32>>;
+
+fn packed_word(i: u32) -> u32 {
+    return packed[i >> 2u][i & 3u];
+}
+#else
 @group(0) @binding(2) var<storage, read> packed: array<u32>;
+
+fn packed_word(i: u32) -> u32 {
+    return packed[i];
+}
+#endif
 @group(0) @binding(3) var<storage, read> scale: array<f32>;
 @group(0) @binding(4) var<storage, read> zero: array<f32>;
 
@@ -26,9 +39,9 @@ fn hqq_code(f: u32) -> u32 {
     let slab = f / q.slab_len;
     let e = f % q.slab_len;
     if (FIELD_BITS == 3u) {
-        return (packed[e] >> (27u - 3u * slab)) & 7u;
+        return (packed_word(e) >> (27u - 3u * slab)) & 7u;
     }
-    let byte = (packed[e >> 2u] >> ((e & 3u) * 8u)) & 0xffu;
+    let byte = (packed_word(e >> 2u) >> ((e & 3u) * 8u)) & 0xffu;
     return (byte >> (8u - FIELD_BITS * (slab + 1u))) & ((1u << FIELD_BITS) - 1u);
 }
 
@@ -49,13 +62,14 @@ fn dequant_weight(n: u32, k: u32) -> f32 {
 
 #ifdef WORD_UNITS
 // Word-at-a-time decoding for the GEMV, for byte-packed fields (8, 4 and 2 bits) where the host
-// checked that each slab holds whole rows of W, 4 | K, and a word's four elements share a group
+// checked that each slab holds whole rows of W, 16 | K, and a word's four elements share a group
 // (axis 1) or sit in four consecutive groups (axis 0). The word holding slab element
-// e = pr * K + k0 (4 | k0) has inputs k0..k0+3 of packed row pr in every slab, and slab s feeds
-// output row s * slab_rows + pr: one load feeds SLABS rows, and a tile is PACKED_ROWS packed rows.
+// e = pr * K + k (4 | k) has inputs k..k+3 of packed row pr in every slab, and slab s feeds
+// output row s * slab_rows + pr: one load feeds SLABS rows, and a tile is PACKED_ROWS packed
+// rows. A unit is four consecutive words (16 inputs), one 16-byte load per packed row.
 const SLABS: u32 = 8u / FIELD_BITS;
 const PACKED_ROWS: u32 = ROWS / SLABS;
-const UNIT_K: u32 = 4u;
+const UNIT_K: u32 = 16u;
 
 fn gemv_row(tile: u32, t: u32) -> u32 {
     let pr = tile * PACKED_ROWS + t % PACKED_ROWS;
@@ -82,24 +96,33 @@ fn word_weights(word: u32, s: u32, f: u32) -> vec4<f32> {
     return w;
 }
 
-// Adds x[r, k0..k0+3] · W[n, k0..k0+3] into acc[t * MAX_M + r] for n = gemv_row(tile, t).
+// Adds x[r, k0..k0+15] · W[n, k0..k0+15] into acc[t * MAX_M + r] for n = gemv_row(tile, t).
 fn gemv_unit(acc: ptr<function, array<f32, MAX_M * ROWS>>, tile: u32, k0: u32) {
-    var xk: array<vec4<f32>, MAX_M>;
-    for (var r = 0u; r < MAX_M; r++) {
-        if (r < p.m) {
-            xk[r] = vec4<f32>(x_at(r, k0), x_at(r, k0 + 1u), x_at(r, k0 + 2u), x_at(r, k0 + 3u));
-        }
-    }
+    var words: array<vec4<u32>, PACKED_ROWS>;
     for (var j = 0u; j < PACKED_ROWS; j++) {
         let pr = tile * PACKED_ROWS + j;
         if (pr < q.slab_rows) {
-            let e = pr * p.k + k0;
-            let word = packed[e >> 2u];
-            for (var s = 0u; s < SLABS; s++) {
-                let w = word_weights(word, s, s * q.slab_len + e);
-                let t = s * PACKED_ROWS + j;
-                for (var r = 0u; r < MAX_M; r++) {
-                    (*acc)[t * MAX_M + r] += dot(w, xk[r]);
+            words[j] = packed[(pr * p.k + k0) >> 4u];
+        }
+    }
+    var xk: array<vec4<f32>, MAX_M>;
+    for (var i = 0u; i < 4u; i++) {
+        let k = k0 + 4u * i;
+        for (var r = 0u; r < MAX_M; r++) {
+            if (r < p.m) {
+                xk[r] = vec4<f32>(x_at(r, k), x_at(r, k + 1u), x_at(r, k + 2u), x_at(r, k + 3u));
+            }
+        }
+        for (var j = 0u; j < PACKED_ROWS; j++) {
+            let pr = tile * PACKED_ROWS + j;
+            if (pr < q.slab_rows) {
+                let e = pr * p.k + k;
+                for (var s = 0u; s < SLABS; s++) {
+                    let w = word_weights(words[j][i], s, s * q.slab_len + e);
+                    let t = s * PACKED_ROWS + j;
+                    for (var r = 0u; r < MAX_M; r++) {
+                        (*acc)[t * MAX_M + r] += dot(w, xk[r]);
+                    }
                 }
             }
         }

@@ -5,7 +5,7 @@ use crate::formats::gptq::{GptqWeight, GptqZeros};
 use crate::gpu::GpuContext;
 use crate::gpu::buffers::{storage_from_bytes, storage_from_f32, uniform};
 use crate::gpu::shaders::ShaderKey;
-use crate::kernels::quant::{FormatShader, GpuQuantWeight};
+use crate::kernels::quant::{FormatShader, GEMV_ROWS_PER_WORKGROUP, GpuQuantWeight};
 
 /// The dequantized weight is fp16 (`COMPUTE` in `shaders/common/rounding.wgsl`).
 const F16_COMPUTE: u32 = 1;
@@ -51,9 +51,11 @@ impl GpuQuantWeight {
     /// Uploads a GPTQ weight as stored: packed qweight and qzeros words, scales, g_idx.
     pub fn from_gptq(ctx: &GpuContext, w: &GptqWeight) -> Result<Self> {
         let bits = w.config.bits;
-        // A word holds 32 / bits consecutive inputs; the last word must be whole.
-        let word_units =
-            WORD_BITS.contains(&bits) && w.in_features.is_multiple_of((32 / bits) as usize);
+        // A word holds 32 / bits consecutive inputs, the last one must be whole; a GEMV tile's
+        // four rows' words are read as one vec4.
+        let word_units = WORD_BITS.contains(&bits)
+            && w.in_features.is_multiple_of((32 / bits) as usize)
+            && w.out_features.is_multiple_of(GEMV_ROWS_PER_WORKGROUP);
         let params = GptqParams {
             zero_words: w.qzeros_cols() as u32,
             pad: [0; 3],

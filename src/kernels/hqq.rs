@@ -58,7 +58,7 @@ pub fn shader_keys() -> Vec<ShaderKey> {
 
 /// Rows of W per slab when the GEMV can decode this layout a word at a time
 /// (`WORD_UNITS` in `shaders/formats/hqq.wgsl`): byte-packed fields, slabs of whole rows with
-/// no padding, 4 | K, and a word's four elements in one group (axis 1) or in four consecutive
+/// no padding, 16 | K (a unit is 16 bytes of a packed row), and a word's four elements in one group (axis 1) or in four consecutive
 /// groups that do not wrap (axis 0).
 fn word_unit_slab_rows(b: &HqqBuffers<'_>) -> Option<usize> {
     let (out_features, in_features) = b.shape;
@@ -69,7 +69,7 @@ fn word_unit_slab_rows(b: &HqqBuffers<'_>) -> Option<usize> {
         _ => b.grouping.groups().is_multiple_of(4),
     };
     let fits = WORD_FIELD_BITS.contains(&field_bits)
-        && in_features.is_multiple_of(4)
+        && in_features.is_multiple_of(16)
         && b.slab_len * slabs == out_features * in_features
         && b.slab_len.is_multiple_of(in_features)
         && groups_aligned;
