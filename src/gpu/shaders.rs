@@ -213,5 +213,8 @@ pub fn catalogue() -> Vec<ShaderKey> {
     keys.extend(crate::kernels::dense::shader_keys());
     keys.extend(crate::kernels::stream::shader_keys());
     keys.extend(crate::kernels::fma::shader_keys());
+    // Word-decoding format variants share their non-GEMV kernels with the element ones.
+    let mut seen = std::collections::HashSet::new();
+    keys.retain(|key| seen.insert(key.clone()));
     keys
 }
