@@ -16,8 +16,8 @@ struct DenseParams {
 @group(0) @binding(4) var<storage, read_write> y: array<Act>;
 
 var<workgroup> partial: array<f32, WG * MAX_M>;
-var<workgroup> xs: array<array<f32, TILE>, TILE>;
-var<workgroup> ws: array<array<f32, TILE>, TILE>;
+
+#include "common/gemm_tiles.wgsl"
 
 fn row_words() -> u32 {
     return (p.k + 1u) / 2u;
@@ -77,33 +77,17 @@ fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     }
 }
 
-// Many rows: TILE x TILE output tiles, x and W staged through shared memory one K-slice at a
-// time.
+// Many rows: tiled (common/gemm_tiles.wgsl).
+fn gemm_weight(n: u32, k: u32) -> f32 {
+    return weight_at(n, k);
+}
+
+fn gemm_store(row: u32, col: u32, acc: f32) {
+    finish(row, col, acc);
+}
+
 @compute @workgroup_size(TILE, TILE)
-fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let row = wid.y * TILE + lid.y;
-    let col = wid.x * TILE + lid.x;
-    let w_row = wid.x * TILE + lid.y;
-    var acc = 0.0;
-    for (var k0 = 0u; k0 < p.k; k0 += TILE) {
-        let k = k0 + lid.x;
-        var xv = 0.0;
-        if (row < p.m && k < p.k) {
-            xv = f32(x[row * p.k + k]);
-        }
-        xs[lid.y][lid.x] = xv;
-        var wv = 0.0;
-        if (w_row < p.n && k < p.k) {
-            wv = weight_at(w_row, k);
-        }
-        ws[lid.y][lid.x] = wv;
-        workgroupBarrier();
-        for (var t = 0u; t < TILE; t++) {
-            acc += xs[lid.y][t] * ws[lid.x][t];
-        }
-        workgroupBarrier();
-    }
-    if (row < p.m && col < p.n) {
-        finish(row, col, acc);
-    }
+fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+        @builtin(local_invocation_index) li: u32) {
+    gemm_tiles(wid, lid, li);
 }

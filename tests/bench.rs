@@ -83,7 +83,7 @@ fn dense_f16_matches_the_cpu_on_both_paths() {
     let bias = random_matrix(1, out, 0.1).data;
     let dense = GpuDenseWeight::upload(ctx, &weight, Some(&bias)).unwrap();
     assert_eq!(dense.resident_bytes(), out * 72 * 2 + out * 4);
-    for m in [1, 3, 8, 9, 20] {
+    for m in [1, 3, 8, 9, 20, 65] {
         let x = random_matrix(m, inp, 1.0);
         for act in [ActDtype::F32, ActDtype::F16] {
             let mut xin = x.clone();

@@ -24,6 +24,8 @@ fn check(weight: &QuantWeight) {
     for (m, paths) in [
         (3, &[MatmulPath::Gemv, MatmulPath::Tiled][..]),
         (21, &[MatmulPath::Tiled][..]),
+        // 64 rows and more: each invocation computes a 4 x 4 block of a 64 x 64 tile.
+        (67, &[MatmulPath::Tiled][..]),
     ] {
         for act in [ActDtype::F32, ActDtype::F16] {
             let mut x = random_matrix(m, weight.in_features(), 1.0);

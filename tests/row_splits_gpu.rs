@@ -65,7 +65,7 @@ fn split_weights_give_the_results_of_one_binding() {
             whole.dequantize(ctx).unwrap().data,
             "{name}: dequant"
         );
-        for rows in [1, 8, 19] {
+        for rows in [1, 8, 19, 70] {
             let x = GpuTensor::upload(ctx, &random_matrix(rows, IN, 1.0), ActDtype::F32).unwrap();
             let a = whole.forward(ctx, &x).unwrap().download(ctx).unwrap();
             let b = split.forward(ctx, &x).unwrap().download(ctx).unwrap();

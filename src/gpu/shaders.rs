@@ -12,6 +12,10 @@ const FILES: &[(&str, &str)] = &[
         include_str!("../../shaders/common/fused_ops.wgsl"),
     ),
     (
+        "common/gemm_tiles.wgsl",
+        include_str!("../../shaders/common/gemm_tiles.wgsl"),
+    ),
+    (
         "common/matmul_params.wgsl",
         include_str!("../../shaders/common/matmul_params.wgsl"),
     ),

@@ -7,12 +7,12 @@ use crate::gpu::buffers::{storage_from_bytes, storage_from_f32, uniform};
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
 use crate::kernels::{
-    Dispatch, GEMV_MAX_ROWS, GEMV_ROW_SPECIALIZATIONS, MatmulPath, bind, check_io, gemv_max_m, grid,
+    Dispatch, GEMM_BLOCKED_ROWS, GEMM_TILE, GEMV_MAX_ROWS, GEMV_ROW_SPECIALIZATIONS, MatmulPath,
+    bind, check_io, gemm_block, gemm_grid, gemv_max_m, grid,
 };
 use crate::tensor::Matrix;
 
 const GEMV_WORKGROUP: u32 = 64;
-const GEMM_TILE: u32 = 16;
 
 /// Mirrors `DenseParams` in the shader.
 #[repr(C)]
@@ -27,14 +27,16 @@ struct DenseParams {
 /// The kernel for `rows` rows of x on `path`; the GEMV is specialized for its row count as the
 /// quantized one is.
 fn key(path: MatmulPath, act: ActDtype, rows: usize) -> ShaderKey {
-    let (entry, max_m) = match path {
-        MatmulPath::Gemv => ("gemv", gemv_max_m(rows)),
-        MatmulPath::Tiled => ("gemm", GEMV_MAX_ROWS as u32),
+    // Both entry points share one module, so each key sets every constant.
+    let (entry, max_m, block) = match path {
+        MatmulPath::Gemv => ("gemv", gemv_max_m(rows), 1),
+        MatmulPath::Tiled => ("gemm", GEMV_MAX_ROWS as u32, gemm_block(rows)),
     };
     ShaderKey::new("dense_matmul", entry, act)
         .constant("WG", GEMV_WORKGROUP)
         .constant("MAX_M", max_m)
         .constant("TILE", GEMM_TILE)
+        .constant("BLOCK", block)
 }
 
 pub fn shader_keys() -> Vec<ShaderKey> {
@@ -44,6 +46,7 @@ pub fn shader_keys() -> Vec<ShaderKey> {
             keys.push(key(MatmulPath::Gemv, act, rows));
         }
         keys.push(key(MatmulPath::Tiled, act, GEMV_MAX_ROWS + 1));
+        keys.push(key(MatmulPath::Tiled, act, GEMM_BLOCKED_ROWS));
     }
     keys
 }
@@ -119,10 +122,7 @@ impl GpuDenseWeight {
                 )));
             }
             MatmulPath::Gemv => grid(self.out_features as u32),
-            MatmulPath::Tiled => (
-                (self.out_features as u32).div_ceil(GEMM_TILE),
-                (x.rows as u32).div_ceil(GEMM_TILE),
-            ),
+            MatmulPath::Tiled => gemm_grid(self.out_features, x.rows),
         };
         if groups.0 > 65535 || groups.1 > 65535 {
             return Err(Error::Unsupported(format!(

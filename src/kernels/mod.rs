@@ -37,6 +37,28 @@ pub enum MatmulPath {
 /// Rows of x up to which the GEMV runs (each invocation keeps one accumulator per row).
 pub const GEMV_MAX_ROWS: usize = 8;
 
+/// Invocations per side of a tiled-GEMM workgroup (`shaders/common/gemm_tiles.wgsl`).
+pub(crate) const GEMM_TILE: u32 = 16;
+
+/// Outputs per side each tiled-GEMM invocation computes (`BLOCK`): one for fewer than
+/// [`GEMM_BLOCKED_ROWS`] rows of x, where a 64-row tile would sit mostly idle and leave too few
+/// workgroups, 4 x 4 from there on, so each staged value feeds 4 multiply-adds.
+pub(crate) const GEMM_BLOCKS: [u32; 2] = [1, 4];
+pub(crate) const GEMM_BLOCKED_ROWS: usize = 64;
+
+pub(crate) fn gemm_block(rows: usize) -> u32 {
+    if rows >= GEMM_BLOCKED_ROWS { 4 } else { 1 }
+}
+
+/// Workgroups of a tiled GEMM of `rows` rows of x and `out_features` outputs.
+pub(crate) fn gemm_grid(out_features: usize, rows: usize) -> (u32, u32) {
+    let tile = (GEMM_TILE * gemm_block(rows)) as usize;
+    (
+        out_features.div_ceil(tile) as u32,
+        rows.div_ceil(tile) as u32,
+    )
+}
+
 /// The GEMV is specialized for its row count rounded up to a power of two (`MAX_M`), so its
 /// loops over rows have constant bounds and the accumulators stay in registers.
 pub const GEMV_ROW_SPECIALIZATIONS: [usize; 4] = [1, 2, 4, 8];

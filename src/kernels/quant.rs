@@ -11,7 +11,8 @@ use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
 use crate::kernels::fused::{EpilogueKind, Fused, extra_storage_bindings, with_fused_flags};
 use crate::kernels::{
-    Dispatch, GEMV_MAX_ROWS, GEMV_ROW_SPECIALIZATIONS, MatmulPath, bind, check_io, gemv_max_m, grid,
+    Dispatch, GEMM_BLOCKS, GEMM_TILE, GEMV_MAX_ROWS, GEMV_ROW_SPECIALIZATIONS, MatmulPath, bind,
+    check_io, gemm_block, gemm_grid, gemv_max_m, grid,
 };
 use crate::tensor::Matrix;
 
@@ -20,7 +21,6 @@ const GEMV_WORKGROUP: u32 = 64;
 pub const GEMV_ROWS_PER_WORKGROUP: usize = 4;
 /// Columns of x the GEMV's OFT prologue rotates into workgroup memory at a time.
 const GEMV_OFT_CHUNK: u32 = 256;
-const GEMM_TILE: u32 = 16;
 const DEQUANT_WORKGROUP: u32 = 256;
 
 /// Mirrors `MatmulParams` in `shaders/common/matmul_params.wgsl`.
@@ -73,8 +73,11 @@ impl FormatShader {
         with_fused_flags(key, oft, lora)
     }
 
-    fn gemm_key(&self, act: ActDtype, lora: Option<EpilogueKind>) -> ShaderKey {
-        let key = self.key("quant_gemm", act).constant("TILE", GEMM_TILE);
+    fn gemm_key(&self, act: ActDtype, block: u32, lora: Option<EpilogueKind>) -> ShaderKey {
+        let key = self
+            .key("quant_gemm", act)
+            .constant("TILE", GEMM_TILE)
+            .constant("BLOCK", block);
         with_fused_flags(key, false, lora)
     }
 
@@ -92,7 +95,9 @@ impl FormatShader {
                     keys.push(self.gemv_key(act, rows, false, lora));
                     keys.push(self.gemv_key(act, rows, true, lora));
                 }
-                keys.push(self.gemm_key(act, lora));
+                for block in GEMM_BLOCKS {
+                    keys.push(self.gemm_key(act, block, lora));
+                }
             }
         }
         keys
@@ -359,11 +364,10 @@ impl GpuQuantWeight {
                     grid(slice.rows.div_ceil(GEMV_ROWS_PER_WORKGROUP) as u32),
                 ),
                 MatmulPath::Tiled => (
-                    slice.shader.gemm_key(x.dtype, fused.epilogue_kind()),
-                    (
-                        (slice.rows as u32).div_ceil(GEMM_TILE),
-                        (x.rows as u32).div_ceil(GEMM_TILE),
-                    ),
+                    slice
+                        .shader
+                        .gemm_key(x.dtype, gemm_block(x.rows), fused.epilogue_kind()),
+                    gemm_grid(slice.rows, x.rows),
                 ),
             };
             if groups.0 > 65535 || groups.1 > 65535 {
