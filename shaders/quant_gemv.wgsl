@@ -75,8 +75,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         }
         chunk_start = c0;
         workgroupBarrier();
-        for (var c = lid * UNIT_K; c < CHUNK && c0 + c < p.k; c += WG * UNIT_K) {
-            gemv_unit(&acc, tile, c0 + c);
+        // The units this invocation would take without the prologue (u % WG == lid), in the
+        // same order, so both paths sum alike.
+        let first = c0 / UNIT_K;
+        let end = min(c0 + CHUNK, p.k) / UNIT_K;
+        for (var u = first + (lid + WG - first % WG) % WG; u < end; u += WG) {
+            gemv_unit(&acc, tile, u * UNIT_K);
         }
         workgroupBarrier();
     }

@@ -142,9 +142,18 @@ fn fused_paths_equal_the_separate_launches_and_the_cpu() {
                         fused.data.iter().all(|v| v.is_finite()),
                         "{case}: unwritten"
                     );
-                    // Same sums in the same order: the fused kernels round where PEFT does.
-                    let err = max_rel_error(&fused.data, &separate.data);
-                    assert!(err <= 1e-6, "{case}: fused vs separate {err}");
+                    // Same sums in the same order, rounded where PEFT rounds: equal up to the
+                    // compiler's choice of fused multiply-adds, which can move an f16 output
+                    // across one rounding step.
+                    if act == ActDtype::F16 {
+                        for (a, b) in fused.data.iter().zip(&separate.data) {
+                            let step = a.abs().max(b.abs()).max(6.1e-5) / 1024.0;
+                            assert!((a - b).abs() <= step, "{case}: fused {a} vs separate {b}");
+                        }
+                    } else {
+                        let err = max_rel_error(&fused.data, &separate.data);
+                        assert!(err <= 1e-6, "{case}: fused vs separate {err}");
+                    }
                     let tol = if act == ActDtype::F16 { 2e-2 } else { 1e-4 };
                     let err = max_rel_error(&fused.data, &expected.data);
                     assert!(err <= tol, "{case}: fused vs CPU {err}");

@@ -19,8 +19,9 @@ use crate::tensor::Matrix;
 const GEMV_WORKGROUP: u32 = 64;
 /// Output features one GEMV workgroup owns.
 pub const GEMV_ROWS_PER_WORKGROUP: usize = 4;
-/// Columns of x the GEMV's OFT prologue rotates into workgroup memory at a time.
-const GEMV_OFT_CHUNK: u32 = 256;
+/// Values of x (columns x rows) the GEMV's OFT prologue rotates into workgroup memory at a time:
+/// 2048 columns at M = 1, 256 at M = 8 (8 KiB).
+const GEMV_OFT_CHUNK_VALUES: u32 = 2048;
 const DEQUANT_WORKGROUP: u32 = 256;
 
 /// Mirrors `MatmulParams` in `shaders/common/matmul_params.wgsl`.
@@ -68,7 +69,7 @@ impl FormatShader {
             .constant("WG", GEMV_WORKGROUP)
             .constant("MAX_M", gemv_max_m(rows))
             .constant("ROWS", GEMV_ROWS_PER_WORKGROUP as u32)
-            .constant("CHUNK", GEMV_OFT_CHUNK)
+            .constant("CHUNK", GEMV_OFT_CHUNK_VALUES / gemv_max_m(rows))
             .flag("WORD_UNITS", self.word_units);
         with_fused_flags(key, oft, lora)
     }
