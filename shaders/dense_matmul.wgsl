@@ -36,8 +36,9 @@ fn finish(row: u32, col: u32, acc: f32) {
     y[row * p.n + col] = Act(v);
 }
 
-// A few rows (M <= MAX_M, the specialization's power of two): one workgroup per output feature, each invocation takes whole words
-// (two k) strided over K, and the workgroup reduces in shared memory.
+// A few rows (M <= MAX_M, the specialization's power of two): one workgroup per output
+// feature, each invocation takes whole words (two k) strided over K, and the workgroup reduces
+// in shared memory.
 @compute @workgroup_size(WG)
 fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {

@@ -16,7 +16,7 @@
 
 #include "common/fused_ops.wgsl"
 
-var<workgroup> partial: array<f32, WG * MAX_M * ROWS>;
+var<workgroup> partial: array<f32, WG * MAX_M * REDUCE_ROWS>;
 
 #ifdef OFT_PROLOGUE
 var<workgroup> x_chunk: array<f32, MAX_M * CHUNK>;
@@ -89,33 +89,37 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         gemv_unit(&acc, tile, k);
     }
 #endif
-    for (var i = 0u; i < MAX_M * ROWS; i++) {
-        partial[i * WG + lid] = acc[i];
-    }
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
-        if (lid < stride) {
-            for (var i = 0u; i < MAX_M * ROWS; i++) {
-                partial[i * WG + lid] += partial[i * WG + lid + stride];
+    // REDUCE_ROWS of the tile's rows per pass, so `partial` fits beside x_chunk at any MAX_M.
+    for (var t0 = 0u; t0 < ROWS; t0 += REDUCE_ROWS) {
+        for (var i = 0u; i < MAX_M * REDUCE_ROWS; i++) {
+            partial[i * WG + lid] = acc[t0 * MAX_M + i];
+        }
+        workgroupBarrier();
+        for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
+            if (lid < stride) {
+                for (var i = 0u; i < MAX_M * REDUCE_ROWS; i++) {
+                    partial[i * WG + lid] += partial[i * WG + lid + stride];
+                }
+            }
+            workgroupBarrier();
+        }
+        if (lid < p.m * REDUCE_ROWS) {
+            let t = t0 + lid / p.m;
+            let r = lid % p.m;
+            let n = gemv_row(tile, t);
+            if (n < p.n) {
+                var v = partial[((t - t0) * MAX_M + r) * WG];
+                var bias_value = 0.0;
+                if (p.has_bias == 1u) {
+                    bias_value = bias[n];
+                }
+                v += bias_value;
+#ifdef LORA_EPILOGUE
+                v = lora_epilogue(r, p.n_offset + n, v, bias_value);
+#endif
+                y[r * p.y_cols + p.n_offset + n] = Act(v);
             }
         }
         workgroupBarrier();
-    }
-    if (lid < p.m * ROWS) {
-        let t = lid / p.m;
-        let r = lid % p.m;
-        let n = gemv_row(tile, t);
-        if (n < p.n) {
-            var v = partial[(t * MAX_M + r) * WG];
-            var bias_value = 0.0;
-            if (p.has_bias == 1u) {
-                bias_value = bias[n];
-            }
-            v += bias_value;
-#ifdef LORA_EPILOGUE
-            v = lora_epilogue(r, p.n_offset + n, v, bias_value);
-#endif
-            y[r * p.y_cols + p.n_offset + n] = Act(v);
-        }
     }
 }

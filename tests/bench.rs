@@ -16,7 +16,7 @@ use quantadapt::gpu::{ActDtype, GpuTensor};
 use quantadapt::kernels::dense::{GpuDenseWeight, dense_f16_cpu};
 use quantadapt::kernels::fma::{GpuFmaPeak, fma_peak_cpu};
 use quantadapt::kernels::stream::{GpuStreamRead, stream_read_cpu};
-use quantadapt::kernels::{Dispatch, MatmulPath};
+use quantadapt::kernels::{Dispatch, GEMV_MAX_ROWS, MatmulPath};
 use quantadapt::layer::Fusion;
 use quantadapt::tensor::max_rel_error;
 use quantadapt::{Error, Matrix};
@@ -83,7 +83,7 @@ fn dense_f16_matches_the_cpu_on_both_paths() {
     let bias = random_matrix(1, out, 0.1).data;
     let dense = GpuDenseWeight::upload(ctx, &weight, Some(&bias)).unwrap();
     assert_eq!(dense.resident_bytes(), out * 72 * 2 + out * 4);
-    for m in [1, 3, 8, 9, 20, 65] {
+    for m in [1, 3, 8, 9, 16, 20, 65] {
         let x = random_matrix(m, inp, 1.0);
         for act in [ActDtype::F32, ActDtype::F16] {
             let mut xin = x.clone();
@@ -92,7 +92,7 @@ fn dense_f16_matches_the_cpu_on_both_paths() {
             }
             let expected = dense_f16_cpu(&xin, &weight, Some(&bias)).unwrap();
             let tol = if act == ActDtype::F32 { 1e-5 } else { 5e-3 };
-            let paths: &[MatmulPath] = if m <= 8 {
+            let paths: &[MatmulPath] = if m <= GEMV_MAX_ROWS {
                 &[MatmulPath::Gemv, MatmulPath::Tiled]
             } else {
                 &[MatmulPath::Tiled]
@@ -125,7 +125,8 @@ fn dense_f16_refuses_bad_shapes() {
         dense.forward_with(ctx, &x, MatmulPath::Tiled),
         Err(Error::Shape { .. })
     ));
-    let x = GpuTensor::upload(ctx, &random_matrix(9, 16, 1.0), ActDtype::F32).unwrap();
+    let rows = GEMV_MAX_ROWS + 1;
+    let x = GpuTensor::upload(ctx, &random_matrix(rows, 16, 1.0), ActDtype::F32).unwrap();
     assert!(matches!(
         dense.forward_with(ctx, &x, MatmulPath::Gemv),
         Err(Error::Unsupported(_))

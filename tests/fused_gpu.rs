@@ -128,7 +128,7 @@ fn fused_paths_equal_the_separate_launches_and_the_cpu() {
         for (set, adapters) in adapter_sets() {
             let cpu = layer(&base, &adapters, Backend::Cpu);
             let mut gpu_layer = layer(&base, &adapters, Backend::Gpu(Box::new(ctx.clone())));
-            for rows in [1, 8, 19, 66] {
+            for rows in [1, 8, 13, 19, 66] {
                 let x = random_matrix(rows, IN, 1.0);
                 let expected = cpu.forward(&x).unwrap();
                 for &act in &acts {

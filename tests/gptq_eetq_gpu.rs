@@ -23,6 +23,7 @@ fn check(weight: &QuantWeight) {
     assert_eq!(deq.data, weight.dequantize().data, "GPU dequant");
     for (m, paths) in [
         (3, &[MatmulPath::Gemv, MatmulPath::Tiled][..]),
+        (13, &[MatmulPath::Gemv, MatmulPath::Tiled][..]),
         (21, &[MatmulPath::Tiled][..]),
         // 64 rows and more: each invocation computes a 4 x 4 block of a 64 x 64 tile.
         (67, &[MatmulPath::Tiled][..]),

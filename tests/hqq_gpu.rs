@@ -7,8 +7,8 @@ use common::{gpu, hqq_quant_cases, random_matrix};
 use quantadapt::formats::QuantFormat;
 use quantadapt::formats::hqq::{ComputeDtype, HqqConfig, HqqWeight};
 use quantadapt::gpu::{ActDtype, GpuTensor};
-use quantadapt::kernels::MatmulPath;
 use quantadapt::kernels::quant::GpuQuantWeight;
+use quantadapt::kernels::{GEMV_MAX_ROWS, MatmulPath};
 use quantadapt::tensor::{Matrix, max_rel_error};
 
 #[test]
@@ -71,7 +71,7 @@ fn check_layer(out: usize, inp: usize, config: HqqConfig, rows: &[usize]) {
                 ActDtype::F16 => w.forward_cpu(&xin).unwrap(),
             };
             let tol = if act == ActDtype::F32 { 1e-4 } else { 5e-3 };
-            let paths: &[MatmulPath] = if m <= 8 {
+            let paths: &[MatmulPath] = if m <= GEMV_MAX_ROWS {
                 &[MatmulPath::Gemv, MatmulPath::Tiled]
             } else {
                 &[MatmulPath::Tiled]
@@ -97,7 +97,7 @@ fn gpu_matmul_matches_cpu_for_every_bit_width_and_axis() {
             // 32 x 80 with groups of 32: groups straddle rows on axis 1.
             let mut config = HqqConfig::new(nbits, 32, axis);
             config.optimize = nbits == 4;
-            check_layer(32, 80, config, &[1, 5, 19]);
+            check_layer(32, 80, config, &[1, 5, 12, 19]);
         }
     }
 }
@@ -152,7 +152,7 @@ fn gpu_matmul_rounds_like_f16_and_bf16_compute() {
 
 #[test]
 fn gpu_matmul_at_larger_shapes() {
-    check_layer(256, 512, HqqConfig::new(4, 64, 1), &[1, 8, 70]);
+    check_layer(256, 512, HqqConfig::new(4, 64, 1), &[1, 8, 16, 70]);
 }
 
 #[test]

@@ -35,7 +35,7 @@ pub enum MatmulPath {
 }
 
 /// Rows of x up to which the GEMV runs (each invocation keeps one accumulator per row).
-pub const GEMV_MAX_ROWS: usize = 8;
+pub const GEMV_MAX_ROWS: usize = 16;
 
 /// Invocations per side of a tiled-GEMM workgroup (`shaders/common/gemm_tiles.wgsl`).
 pub(crate) const GEMM_TILE: u32 = 16;
@@ -61,7 +61,7 @@ pub(crate) fn gemm_grid(out_features: usize, rows: usize) -> (u32, u32) {
 
 /// The GEMV is specialized for its row count rounded up to a power of two (`MAX_M`), so its
 /// loops over rows have constant bounds and the accumulators stay in registers.
-pub const GEMV_ROW_SPECIALIZATIONS: [usize; 4] = [1, 2, 4, 8];
+pub const GEMV_ROW_SPECIALIZATIONS: [usize; 5] = [1, 2, 4, 8, 16];
 
 /// `MAX_M` of the GEMV specialization for `rows` rows (at most [`GEMV_MAX_ROWS`]).
 pub(crate) fn gemv_max_m(rows: usize) -> u32 {

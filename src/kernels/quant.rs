@@ -22,6 +22,15 @@ pub const GEMV_ROWS_PER_WORKGROUP: usize = 4;
 /// Values of x (columns x rows) the GEMV's OFT prologue rotates into workgroup memory at a time:
 /// 2048 columns at M = 1, 256 at M = 8 (8 KiB).
 const GEMV_OFT_CHUNK_VALUES: u32 = 2048;
+/// Partial sums the GEMV reduces in workgroup memory at a time (8 KiB, which with the OFT
+/// prologue's chunk keeps within the portable 16 KiB).
+const GEMV_REDUCE_VALUES: u32 = 2048;
+
+/// Tile rows the GEMV reduces per pass: all of them up to M = 8, half at M = 16.
+fn gemv_reduce_rows(rows: usize) -> u32 {
+    let per_pass = GEMV_REDUCE_VALUES / (GEMV_WORKGROUP * gemv_max_m(rows));
+    per_pass.clamp(1, GEMV_ROWS_PER_WORKGROUP as u32)
+}
 const DEQUANT_WORKGROUP: u32 = 256;
 
 /// Mirrors `MatmulParams` in `shaders/common/matmul_params.wgsl`.
@@ -70,6 +79,7 @@ impl FormatShader {
             .constant("MAX_M", gemv_max_m(rows))
             .constant("ROWS", GEMV_ROWS_PER_WORKGROUP as u32)
             .constant("CHUNK", GEMV_OFT_CHUNK_VALUES / gemv_max_m(rows))
+            .constant("REDUCE_ROWS", gemv_reduce_rows(rows))
             .flag("WORD_UNITS", self.word_units);
         with_fused_flags(key, oft, lora)
     }
