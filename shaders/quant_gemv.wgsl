@@ -32,6 +32,17 @@ fn x_at(r: u32, k: u32) -> f32 {
 }
 #endif
 
+// Column k of x in every row slot, zero past the p.m rows in use.
+fn x_column(k: u32) -> array<f32, MAX_M> {
+    var column: array<f32, MAX_M>;
+    for (var r = 0u; r < MAX_M; r++) {
+        if (r < p.m) {
+            column[r] = x_at(r, k);
+        }
+    }
+    return column;
+}
+
 #ifndef WORD_UNITS
 const UNIT_K: u32 = 1u;
 
@@ -42,12 +53,7 @@ fn gemv_row(tile: u32, t: u32) -> u32 {
 
 // Adds x[r, k] · W[n, k] into acc[t * MAX_M + r] for every owned row n = gemv_row(tile, t).
 fn gemv_unit(acc: ptr<function, array<f32, MAX_M * ROWS>>, tile: u32, k: u32) {
-    var xk: array<f32, MAX_M>;
-    for (var r = 0u; r < MAX_M; r++) {
-        if (r < p.m) {
-            xk[r] = x_at(r, k);
-        }
-    }
+    let xk = x_column(k);
     for (var t = 0u; t < ROWS; t++) {
         let n = gemv_row(tile, t);
         if (n < p.n) {

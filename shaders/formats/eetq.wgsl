@@ -27,12 +27,7 @@ fn gemv_row(tile: u32, t: u32) -> u32 {
 }
 
 fn gemv_unit(acc: ptr<function, array<f32, MAX_M * ROWS>>, tile: u32, k: u32) {
-    var xk: array<f32, MAX_M>;
-    for (var r = 0u; r < MAX_M; r++) {
-        if (r < p.m) {
-            xk[r] = x_at(r, k);
-        }
-    }
+    let xk = x_column(k);
     var word = 0u;
     for (var t = 0u; t < ROWS; t++) {
         let n = gemv_row(tile, t);

@@ -83,7 +83,6 @@ fn gemv_unit(acc: ptr<function, array<f32, MAX_M * ROWS>>, tile: u32, k0: u32) {
     var unit_zero: array<i32, ROWS>;
     var unit_scale: array<f32, ROWS>;
     var group = 0xffffffffu;
-    var xk: array<f32, MAX_M>;
     for (var j = 0u; j < UNIT_K; j++) {
         let k = k0 + j;
         if (g_idx[k] != group) {
@@ -96,11 +95,7 @@ fn gemv_unit(acc: ptr<function, array<f32, MAX_M * ROWS>>, tile: u32, k0: u32) {
                 }
             }
         }
-        for (var r = 0u; r < MAX_M; r++) {
-            if (r < p.m) {
-                xk[r] = x_at(r, k);
-            }
-        }
+        let xk = x_column(k);
         for (var t = 0u; t < ROWS; t++) {
             if (gemv_row(tile, t) < p.n) {
                 let code = i32((words[t] >> (BITS * j)) & MASK);

@@ -108,10 +108,12 @@ fn gemv_unit(acc: ptr<function, array<f32, MAX_M * ROWS>>, tile: u32, k0: u32) {
     var xk: array<vec4<f32>, MAX_M>;
     for (var i = 0u; i < 4u; i++) {
         let k = k0 + 4u * i;
+        let c0 = x_column(k);
+        let c1 = x_column(k + 1u);
+        let c2 = x_column(k + 2u);
+        let c3 = x_column(k + 3u);
         for (var r = 0u; r < MAX_M; r++) {
-            if (r < p.m) {
-                xk[r] = vec4<f32>(x_at(r, k), x_at(r, k + 1u), x_at(r, k + 2u), x_at(r, k + 3u));
-            }
+            xk[r] = vec4<f32>(c0[r], c1[r], c2[r], c3[r]);
         }
         for (var j = 0u; j < PACKED_ROWS; j++) {
             let pr = tile * PACKED_ROWS + j;

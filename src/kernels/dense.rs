@@ -8,7 +8,7 @@ use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
 use crate::kernels::{
     Dispatch, GEMM_BLOCKED_ROWS, GEMM_TILE, GEMV_MAX_ROWS, GEMV_ROW_SPECIALIZATIONS, MatmulPath,
-    bind, check_io, gemm_block, gemm_grid, gemv_max_m, grid,
+    bind, check_io, check_path_rows, gemm_block, gemm_grid, gemv_max_m, grid,
 };
 use crate::tensor::Matrix;
 
@@ -114,22 +114,11 @@ impl GpuDenseWeight {
         path: MatmulPath,
     ) -> Result<Dispatch> {
         check_io(x, y, self.in_features, self.out_features)?;
+        check_path_rows(path, x.rows)?;
         let groups = match path {
-            MatmulPath::Gemv if x.rows > GEMV_MAX_ROWS => {
-                return Err(Error::Unsupported(format!(
-                    "the GEMV path takes at most {GEMV_MAX_ROWS} rows, got {}",
-                    x.rows
-                )));
-            }
             MatmulPath::Gemv => grid(self.out_features as u32),
-            MatmulPath::Tiled => gemm_grid(self.out_features, x.rows),
+            MatmulPath::Tiled => gemm_grid(self.out_features, x.rows)?,
         };
-        if groups.0 > 65535 || groups.1 > 65535 {
-            return Err(Error::Unsupported(format!(
-                "a {}x{} tiled matmul exceeds the workgroup grid",
-                x.rows, self.out_features
-            )));
-        }
         let pipeline = ctx.pipeline(&key(path, x.dtype, x.rows))?;
         let params = uniform(
             ctx,

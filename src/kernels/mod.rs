@@ -17,13 +17,15 @@ pub mod stream;
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor};
 
+/// Workgroups per grid dimension a launch may ask for.
+const MAX_GRID: u32 = 65535;
+
 /// Workgroup grid for `count` workgroups, split over x and y past the 65535-per-dimension limit.
 pub(crate) fn grid(count: u32) -> (u32, u32) {
-    const MAX: u32 = 65535;
-    if count <= MAX {
+    if count <= MAX_GRID {
         (count.max(1), 1)
     } else {
-        (MAX, count.div_ceil(MAX))
+        (MAX_GRID, count.div_ceil(MAX_GRID))
     }
 }
 
@@ -50,13 +52,27 @@ pub(crate) fn gemm_block(rows: usize) -> u32 {
     if rows >= GEMM_BLOCKED_ROWS { 4 } else { 1 }
 }
 
-/// Workgroups of a tiled GEMM of `rows` rows of x and `out_features` outputs.
-pub(crate) fn gemm_grid(out_features: usize, rows: usize) -> (u32, u32) {
+/// Workgroups of a tiled GEMM of `rows` rows of x and `out_features` outputs; fails where they
+/// exceed the grid.
+pub(crate) fn gemm_grid(out_features: usize, rows: usize) -> Result<(u32, u32)> {
     let tile = (GEMM_TILE * gemm_block(rows)) as usize;
-    (
-        out_features.div_ceil(tile) as u32,
-        rows.div_ceil(tile) as u32,
-    )
+    let (x, y) = (out_features.div_ceil(tile), rows.div_ceil(tile));
+    if x > MAX_GRID as usize || y > MAX_GRID as usize {
+        return Err(Error::Unsupported(format!(
+            "a {rows}x{out_features} tiled matmul exceeds the workgroup grid"
+        )));
+    }
+    Ok((x as u32, y as u32))
+}
+
+/// Fails unless `rows` rows of x may run on `path`.
+pub(crate) fn check_path_rows(path: MatmulPath, rows: usize) -> Result<()> {
+    if path == MatmulPath::Gemv && rows > GEMV_MAX_ROWS {
+        return Err(Error::Unsupported(format!(
+            "the GEMV path takes at most {GEMV_MAX_ROWS} rows, got {rows}"
+        )));
+    }
+    Ok(())
 }
 
 /// The GEMV is specialized for its row count rounded up to a power of two (`MAX_M`), so its

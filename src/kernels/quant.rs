@@ -11,8 +11,8 @@ use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
 use crate::kernels::fused::{EpilogueKind, Fused, extra_storage_bindings, with_fused_flags};
 use crate::kernels::{
-    Dispatch, GEMM_BLOCKS, GEMM_TILE, GEMV_MAX_ROWS, GEMV_ROW_SPECIALIZATIONS, MatmulPath, bind,
-    check_io, gemm_block, gemm_grid, gemv_max_m, grid,
+    Dispatch, GEMM_BLOCKS, GEMM_TILE, GEMV_ROW_SPECIALIZATIONS, MatmulPath, bind, check_io,
+    check_path_rows, gemm_block, gemm_grid, gemv_max_m, grid,
 };
 use crate::tensor::Matrix;
 
@@ -345,12 +345,7 @@ impl GpuQuantWeight {
         fused: &Fused,
     ) -> Result<Dispatch> {
         check_io(x, y, self.in_features, self.out_features)?;
-        if path == MatmulPath::Gemv && x.rows > GEMV_MAX_ROWS {
-            return Err(Error::Unsupported(format!(
-                "the GEMV path takes at most {GEMV_MAX_ROWS} rows, got {}",
-                x.rows
-            )));
-        }
+        check_path_rows(path, x.rows)?;
         let oft_block = fused.oft.map(|o| o.block_size);
         if !fused.is_empty() && !self.can_fuse(ctx, path, oft_block, fused.epilogue_kind()) {
             return Err(Error::Unsupported(format!(
@@ -378,15 +373,9 @@ impl GpuQuantWeight {
                     slice
                         .shader
                         .gemm_key(x.dtype, gemm_block(x.rows), fused.epilogue_kind()),
-                    gemm_grid(slice.rows, x.rows),
+                    gemm_grid(slice.rows, x.rows)?,
                 ),
             };
-            if groups.0 > 65535 || groups.1 > 65535 {
-                return Err(Error::Unsupported(format!(
-                    "a {}x{} tiled matmul exceeds the workgroup grid",
-                    x.rows, slice.rows
-                )));
-            }
             let pipeline = ctx.pipeline(&key)?;
             let params = slice.params(ctx, x.rows, self.in_features, self.out_features)?;
             let mut tail = vec![(6, &x.buffer), (7, &slice.bias), (8, &y.buffer)];
