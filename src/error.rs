@@ -4,6 +4,7 @@ use thiserror::Error;
 
 /// Everything that can go wrong, with the offending name and shape in the message.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum Error {
     #[error("i/o error on {path}: {source}")]
     Io {
@@ -45,6 +46,16 @@ pub enum Error {
     NoGpu(String),
     #[error("GPU error: {0}")]
     Gpu(String),
+    #[error("GPU error during {during}: {source}")]
+    Wgpu {
+        during: String,
+        #[source]
+        source: wgpu::Error,
+    },
+    #[error(
+        "timed out after {0:?} waiting for the GPU (the work goes on; wait longer with GpuContext::set_timeout)"
+    )]
+    Timeout(std::time::Duration),
     #[error("GPU out of memory: {0}")]
     OutOfMemory(String),
     #[error("GPU buffer `{buffer}` of {bytes} bytes: {reason}")]
@@ -77,6 +88,14 @@ impl Error {
 
     pub(crate) fn config(msg: impl Into<String>) -> Self {
         Error::Config(msg.into())
+    }
+
+    /// An error wgpu reported while doing `during`, kept as the source.
+    pub(crate) fn wgpu(during: impl Into<String>, source: wgpu::Error) -> Self {
+        Error::Wgpu {
+            during: during.into(),
+            source,
+        }
     }
 }
 

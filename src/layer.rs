@@ -8,7 +8,7 @@
 //! on the next forward.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::adapters::Adapter;
 use crate::adapters::lora::LoraAdapter;
@@ -49,6 +49,64 @@ struct GpuState {
     /// Every adapter packed for mixed batches, one slot each in `QuantLinear::adapters` order;
     /// built on first use and dropped when the adapter set changes.
     mixed: Mutex<Option<Arc<GpuMixedAdapters>>>,
+    /// Plans of the forwards encoded so far, by tensors and rows; emptied by every change of
+    /// the layer's state.
+    plans: Mutex<HashMap<PlanKey, Arc<ForwardPlan>>>,
+}
+
+/// Plans a layer keeps at most; past that the cache starts over.
+const MAX_PLANS: usize = 64;
+
+/// What a forward's plan depends on besides the layer's state.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PlanKey {
+    x: (wgpu::Buffer, u64),
+    y: (wgpu::Buffer, u64),
+    rows: usize,
+    dtype: ActDtype,
+    /// Each row's adapter slot, for a mixed batch.
+    row_slots: Option<Vec<u32>>,
+}
+
+impl PlanKey {
+    fn new(x: &GpuTensor, y: &GpuTensor, row_slots: Option<Vec<u32>>) -> Self {
+        Self {
+            x: (x.buffer.clone(), x.offset),
+            y: (y.buffer.clone(), y.offset),
+            rows: x.rows,
+            dtype: x.dtype,
+            row_slots,
+        }
+    }
+}
+
+/// Everything one forward of a layer needs for given input and output tensors: pipelines, bind
+/// groups, uniforms and intermediate buffers, built once. Recording it creates nothing.
+#[derive(Debug)]
+pub struct ForwardPlan {
+    dispatches: Vec<Dispatch>,
+}
+
+impl ForwardPlan {
+    /// The plan's steps in order (a step may hold several launches, e.g. one per row slice).
+    pub fn dispatches(&self) -> &[Dispatch] {
+        &self.dispatches
+    }
+
+    /// Kernel launches one forward records.
+    pub fn launches(&self) -> usize {
+        self.dispatches.iter().map(Dispatch::launches).sum()
+    }
+
+    /// Records the forward into a compute pass of the caller's.
+    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.dispatches.iter().for_each(|d| d.record(pass));
+    }
+
+    /// Records the forward into a compute pass of its own in the caller's encoder.
+    pub fn encode(&self, encoder: &mut wgpu::CommandEncoder) {
+        Dispatch::encode_all(encoder, &self.dispatches.iter().collect::<Vec<_>>());
+    }
 }
 
 struct Merged {
@@ -96,6 +154,7 @@ impl QuantLinear {
                 ctx: *ctx,
                 adapters: HashMap::new(),
                 mixed: Mutex::new(None),
+                plans: Mutex::new(HashMap::new()),
             }),
         };
         Ok(Self {
@@ -167,6 +226,7 @@ impl QuantLinear {
             gpu.mixed = Mutex::new(None);
         }
         self.adapters.push(adapter);
+        self.invalidate_plans();
         Ok(())
     }
 
@@ -188,6 +248,7 @@ impl QuantLinear {
             gpu.adapters.remove(name);
             gpu.mixed = Mutex::new(None);
         }
+        self.invalidate_plans();
         Ok(())
     }
 
@@ -200,6 +261,7 @@ impl QuantLinear {
             }
         }
         self.active = names.iter().map(|n| n.to_string()).collect();
+        self.invalidate_plans();
         Ok(())
     }
 
@@ -209,6 +271,7 @@ impl QuantLinear {
             self.unmerge_all()?;
         }
         self.enabled = enabled;
+        self.invalidate_plans();
         Ok(())
     }
 
@@ -224,12 +287,26 @@ impl QuantLinear {
     }
 
     /// `y = base(x · R…) + Σ LoRA(x)` for the active, unmerged adapters; host in, host out.
+    /// On a GPU this uploads `x`, submits the forward and waits for it (at most the context's
+    /// timeout, then [`Error::Timeout`]); embedding apps record into their own encoder with
+    /// [`Self::encode_forward`] instead.
     pub fn forward(&self, x: &Matrix) -> Result<Matrix> {
         match &self.gpu {
             None => self.forward_cpu(x, &self.unmerged_active()),
             Some(gpu) => {
                 let xg = GpuTensor::upload(&gpu.ctx, x, ActDtype::F32)?;
                 self.forward_gpu(&xg)?.download(&gpu.ctx)
+            }
+        }
+    }
+
+    /// [`Self::forward`] as a future that never blocks (for any executor, and the web).
+    pub async fn forward_async(&self, x: &Matrix) -> Result<Matrix> {
+        match &self.gpu {
+            None => self.forward_cpu(x, &self.unmerged_active()),
+            Some(gpu) => {
+                let xg = GpuTensor::upload(&gpu.ctx, x, ActDtype::F32)?;
+                self.forward_gpu(&xg)?.download_async(&gpu.ctx).await
             }
         }
     }
@@ -257,9 +334,14 @@ impl QuantLinear {
         Ok(y)
     }
 
-    /// The forward on GPU-resident activations (f32 or f16); the result stays on the GPU.
+    /// The forward on GPU-resident activations (f32 or f16) into a new tensor; the work is
+    /// submitted, not waited for (a download of the result waits for it).
     pub fn forward_gpu(&self, x: &GpuTensor) -> Result<GpuTensor> {
-        self.forward_gpu_with(x, &self.unmerged_active())
+        let gpu = self.gpu_state()?;
+        let y = GpuTensor::output(&gpu.ctx, x.rows, self.base.out_features(), x.dtype)?;
+        let plan = self.build_plan(gpu, x, &y)?;
+        Dispatch::submit_all(&gpu.ctx, &plan.dispatches.iter().collect::<Vec<_>>())?;
+        Ok(y)
     }
 
     fn gpu_state(&self) -> Result<&GpuState> {
@@ -268,23 +350,98 @@ impl QuantLinear {
         })
     }
 
-    fn forward_gpu_with(&self, x: &GpuTensor, adapters: &[&Adapter]) -> Result<GpuTensor> {
-        let gpu = self.gpu_state()?;
-        let y = GpuTensor::poisoned(&gpu.ctx, x.rows, self.base.out_features(), x.dtype)?;
-        let steps = self.prepare_with(gpu, x, &y, adapters)?;
-        Dispatch::run_all(&gpu.ctx, &steps.iter().collect::<Vec<_>>())?;
-        Ok(y)
+    /// Records the forward of `x` into `y` (tensors of the caller's or the library's, at any
+    /// aligned offset) into a compute pass of its own in the caller's encoder. Nothing is
+    /// submitted or waited for: the app submits the encoder with its own work around ours.
+    /// The plan is built on first use for these tensors and reused: later calls create no
+    /// buffer, bind group or uniform.
+    pub fn encode_forward(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        x: &GpuTensor,
+        y: &GpuTensor,
+    ) -> Result<()> {
+        self.prepare_forward(x, y)?.encode(encoder);
+        Ok(())
     }
 
-    /// The launches of one forward of `x` into `y` with the active adapters, ready to record into
-    /// any compute pass (and to time).
-    pub fn prepare_forward(&self, x: &GpuTensor, y: &GpuTensor) -> Result<Vec<Dispatch>> {
-        self.prepare_with(self.gpu_state()?, x, y, &self.unmerged_active())
+    /// [`Self::encode_forward`] into a compute pass the caller has begun.
+    pub fn record_forward(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        x: &GpuTensor,
+        y: &GpuTensor,
+    ) -> Result<()> {
+        self.prepare_forward(x, y)?.record(pass);
+        Ok(())
+    }
+
+    /// The plan of one forward of `x` into `y` with the active adapters: built once for these
+    /// tensors and the layer's state, then reused until the state changes (adapters, active
+    /// set, enabling, fusion, merges). The layer holds its plans, and with them the tensors'
+    /// buffers, until then or [`Self::clear_plans`].
+    pub fn prepare_forward(&self, x: &GpuTensor, y: &GpuTensor) -> Result<Arc<ForwardPlan>> {
+        let gpu = self.gpu_state()?;
+        check_distinct_buffers(x, y)?;
+        self.cached_plan(gpu, PlanKey::new(x, y, None), || self.build_plan(gpu, x, y))
+    }
+
+    /// Compiles the pipelines the layer's forwards of these row counts will use, in `dtype`,
+    /// so that the first forward does not pay for it (and an app can do it at load time).
+    pub fn prewarm(&self, rows: &[usize], dtype: ActDtype) -> Result<()> {
+        let gpu = self.gpu_state()?;
+        let ctx = &gpu.ctx;
+        for &m in rows {
+            let x = GpuTensor::output(ctx, m, self.base.in_features(), dtype)?;
+            let y = GpuTensor::output(ctx, m, self.base.out_features(), dtype)?;
+            self.build_plan(gpu, &x, &y)?;
+        }
+        Ok(())
+    }
+
+    /// Drops the plans the layer holds (and their references to tensors' buffers).
+    pub fn clear_plans(&self) {
+        if let Some(gpu) = &self.gpu {
+            if let Ok(mut plans) = gpu.plans.lock() {
+                plans.clear();
+            }
+        }
+    }
+
+    fn invalidate_plans(&mut self) {
+        if let Some(gpu) = &mut self.gpu {
+            gpu.plans = Mutex::new(HashMap::new());
+        }
+    }
+
+    /// The plan under `key`, built by `build` outside the cache's lock if there is none.
+    fn cached_plan(
+        &self,
+        gpu: &GpuState,
+        key: PlanKey,
+        build: impl FnOnce() -> Result<ForwardPlan>,
+    ) -> Result<Arc<ForwardPlan>> {
+        if let Some(plan) = lock_plans(gpu)?.get(&key) {
+            return Ok(plan.clone());
+        }
+        let plan = Arc::new(build()?);
+        let mut plans = lock_plans(gpu)?;
+        if plans.len() >= MAX_PLANS {
+            plans.clear();
+        }
+        Ok(plans.entry(key).or_insert(plan).clone())
+    }
+
+    fn build_plan(&self, gpu: &GpuState, x: &GpuTensor, y: &GpuTensor) -> Result<ForwardPlan> {
+        Ok(ForwardPlan {
+            dispatches: self.prepare_with(gpu, x, y, &self.unmerged_active())?,
+        })
     }
 
     /// How much adapter work the GPU forward fuses into the base matmul.
     pub fn set_fusion(&mut self, fusion: Fusion) {
         self.fusion = fusion;
+        self.invalidate_plans();
     }
 
     pub fn fusion(&self) -> Fusion {
@@ -320,7 +477,7 @@ impl QuantLinear {
         let mut steps = Vec::new();
         let mut rotated = x.clone();
         for oft in separate_ofts {
-            let next = GpuTensor::poisoned(ctx, x.rows, x.cols, x.dtype)?;
+            let next = GpuTensor::output(ctx, x.rows, x.cols, x.dtype)?;
             steps.push(oft.prepare(ctx, &rotated, &next)?);
             rotated = next;
         }
@@ -382,18 +539,7 @@ impl QuantLinear {
     /// One adapter name per row of `x` (`__base__` = the base alone; names this layer does not
     /// hold also get the base alone, as in PEFT). Refused while adapters are merged.
     pub fn forward_mixed(&self, x: &Matrix, names: &[&str]) -> Result<Matrix> {
-        if names.len() != x.rows {
-            return Err(Error::shape(
-                "adapter names",
-                format!("{} names, one per row", x.rows),
-                &[names.len()],
-            ));
-        }
-        if !self.merged.is_empty() {
-            return Err(Error::Unsupported(
-                "mixed batches while adapters are merged: unmerge first".into(),
-            ));
-        }
+        self.check_mixed(x.rows, names)?;
         match &self.gpu {
             None => {
                 let mut y = Matrix::zeros(x.rows, self.base.out_features());
@@ -412,28 +558,63 @@ impl QuantLinear {
         }
     }
 
-    /// [`Self::forward_mixed`] on GPU tensors.
+    /// [`Self::forward_mixed`] on GPU tensors, into a new tensor (submitted, not waited for).
     pub fn forward_mixed_gpu(&self, x: &GpuTensor, names: &[&str]) -> Result<GpuTensor> {
         let gpu = self.gpu_state()?;
-        let y = GpuTensor::poisoned(&gpu.ctx, x.rows, self.base.out_features(), x.dtype)?;
-        let steps = self.prepare_forward_mixed(x, names, &y)?;
-        Dispatch::run_all(&gpu.ctx, &steps.iter().collect::<Vec<_>>())?;
+        let y = GpuTensor::output(&gpu.ctx, x.rows, self.base.out_features(), x.dtype)?;
+        let plan = self.build_mixed_plan(gpu, x, &self.row_slots(x, names)?, &y)?;
+        Dispatch::submit_all(&gpu.ctx, &plan.dispatches.iter().collect::<Vec<_>>())?;
         Ok(y)
     }
 
-    /// The launches of a mixed batch, one per kernel for the whole batch: rotate (per-row OFT),
-    /// shrink (per-row LoRA / DoRA), the base matmul with the per-row expand as its epilogue
-    /// (or, with `Fusion::Off` or past the device's binding limit, as a launch of its own).
+    /// [`Self::encode_forward`] for a mixed batch: one adapter name per row of `x`.
+    pub fn encode_forward_mixed(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        x: &GpuTensor,
+        names: &[&str],
+        y: &GpuTensor,
+    ) -> Result<()> {
+        self.prepare_forward_mixed(x, names, y)?.encode(encoder);
+        Ok(())
+    }
+
+    /// [`Self::encode_forward_mixed`] into a compute pass the caller has begun.
+    pub fn record_forward_mixed(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        x: &GpuTensor,
+        names: &[&str],
+        y: &GpuTensor,
+    ) -> Result<()> {
+        self.prepare_forward_mixed(x, names, y)?.record(pass);
+        Ok(())
+    }
+
+    /// The plan of a mixed batch (see [`Self::prepare_forward`]), one launch per kernel for
+    /// the whole batch: rotate (per-row OFT), shrink (per-row LoRA / DoRA), the base matmul
+    /// with the per-row expand as its epilogue (or, with `Fusion::Off` or past the device's
+    /// binding limit, as a launch of its own).
     pub fn prepare_forward_mixed(
         &self,
         x: &GpuTensor,
         names: &[&str],
         y: &GpuTensor,
-    ) -> Result<Vec<Dispatch>> {
-        if names.len() != x.rows {
+    ) -> Result<Arc<ForwardPlan>> {
+        let gpu = self.gpu_state()?;
+        check_distinct_buffers(x, y)?;
+        let slots = self.row_slots(x, names)?;
+        self.cached_plan(gpu, PlanKey::new(x, y, Some(slots.clone())), || {
+            self.build_mixed_plan(gpu, x, &slots, y)
+        })
+    }
+
+    /// Fails unless a mixed batch of `rows` rows may run with these names.
+    fn check_mixed(&self, rows: usize, names: &[&str]) -> Result<()> {
+        if names.len() != rows {
             return Err(Error::shape(
                 "adapter names",
-                format!("{} names, one per row", x.rows),
+                format!("{rows} names, one per row"),
                 &[names.len()],
             ));
         }
@@ -442,10 +623,13 @@ impl QuantLinear {
                 "mixed batches while adapters are merged: unmerge first".into(),
             ));
         }
-        let gpu = self.gpu_state()?;
-        let ctx = &gpu.ctx;
-        let mixed = self.mixed_adapters(gpu)?;
-        let slots: Vec<u32> = names
+        Ok(())
+    }
+
+    /// Each row's adapter slot (its index in `self.adapters`, or `mixed::NONE`).
+    fn row_slots(&self, x: &GpuTensor, names: &[&str]) -> Result<Vec<u32>> {
+        self.check_mixed(x.rows, names)?;
+        Ok(names
             .iter()
             .map(|n| {
                 self.adapters
@@ -453,8 +637,19 @@ impl QuantLinear {
                     .position(|a| a.name() == *n)
                     .map_or(mixed::NONE, |i| i as u32)
             })
-            .collect();
-        let row_slots = mixed.row_slots(ctx, &slots)?;
+            .collect())
+    }
+
+    fn build_mixed_plan(
+        &self,
+        gpu: &GpuState,
+        x: &GpuTensor,
+        slots: &[u32],
+        y: &GpuTensor,
+    ) -> Result<ForwardPlan> {
+        let ctx = &gpu.ctx;
+        let mixed = self.mixed_adapters(gpu)?;
+        let row_slots = mixed.row_slots(ctx, slots)?;
         // Launches only for the adapter kinds some row asks for.
         let rows_use = |oft: bool| {
             slots.iter().any(|&slot| {
@@ -466,7 +661,7 @@ impl QuantLinear {
         let mut steps = Vec::new();
         let mut rotated = x.clone();
         if rows_use(true) {
-            rotated = GpuTensor::poisoned(ctx, x.rows, x.cols, x.dtype)?;
+            rotated = GpuTensor::output(ctx, x.rows, x.cols, x.dtype)?;
             steps.push(mixed.prepare_rotate(ctx, &row_slots, x, &rotated)?);
         }
         let path = MatmulPath::for_rows(x.rows);
@@ -489,7 +684,7 @@ impl QuantLinear {
             let bias = Some(gpu.base.bias_buffer());
             steps.extend(mixed.prepare_lora(ctx, &row_slots, x, y, bias)?);
         }
-        Ok(steps)
+        Ok(ForwardPlan { dispatches: steps })
     }
 
     fn mixed_adapters(&self, gpu: &GpuState) -> Result<Arc<GpuMixedAdapters>> {
@@ -650,6 +845,7 @@ impl QuantLinear {
             gpu.base = GpuQuantWeight::upload(&gpu.ctx, &base)?;
         }
         self.base = base;
+        self.invalidate_plans();
         Ok(())
     }
 }
@@ -701,6 +897,23 @@ pub fn merged_dense_weight(
 }
 
 /// DoRA's per-output scale `magnitude / ‖W + s·B·A‖` from the unmerged base, or None for LoRA.
+/// wgpu refuses a launch that binds one buffer both for reading and for writing, even at
+/// disjoint ranges, so the input and the output of a forward must live in different buffers.
+fn check_distinct_buffers(x: &GpuTensor, y: &GpuTensor) -> Result<()> {
+    if x.buffer == y.buffer {
+        return Err(Error::Unsupported(
+            "x and y in one buffer: a launch cannot read and write one buffer; give y a buffer of its own".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn lock_plans(gpu: &GpuState) -> Result<MutexGuard<'_, HashMap<PlanKey, Arc<ForwardPlan>>>> {
+    gpu.plans
+        .lock()
+        .map_err(|_| Error::Gpu("plan cache poisoned".into()))
+}
+
 fn dora_scale(lora: &LoraAdapter, base: &QuantWeight) -> Result<Option<Vec<f32>>> {
     if !lora.is_dora() {
         return Ok(None);

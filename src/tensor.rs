@@ -31,6 +31,7 @@ impl Matrix {
     }
 
     /// Fresh uniform random values in `[-scale, scale)` (for demos, benchmarks and tests).
+    #[cfg(feature = "random")]
     pub fn random(rows: usize, cols: usize, scale: f32) -> Self {
         use rand::Rng;
         let mut rng = rand::rng();

@@ -32,7 +32,7 @@ fn stream_read_xor_matches_the_host() {
         let words: Vec<u32> = (0..vec4s * 4).map(|_| rng.random()).collect();
         let stream = GpuStreamRead::upload(ctx, &words).unwrap();
         assert_eq!(stream.bytes(), words.len() * 4);
-        Dispatch::run_all(ctx, &[&stream.prepare(ctx).unwrap()]).unwrap();
+        Dispatch::submit_all(ctx, &[&stream.prepare(ctx).unwrap()]).unwrap();
         let ours = stream.read_xor(ctx).unwrap();
         assert_eq!(
             ours,
@@ -62,7 +62,7 @@ fn fma_peak_matches_the_cpu() {
     let (invocations, steps) = (1000, 64);
     let fma = GpuFmaPeak::new(ctx, invocations, steps).unwrap();
     assert_eq!(fma.flops(), 2.0 * 16.0 * (invocations * steps) as f64);
-    Dispatch::run_all(ctx, &[&fma.prepare(ctx).unwrap()]).unwrap();
+    Dispatch::submit_all(ctx, &[&fma.prepare(ctx).unwrap()]).unwrap();
     let ours = fma.read_sums(ctx).unwrap();
     let reference = fma_peak_cpu(invocations, steps);
     // The shader's fma may round once or twice; the CPU's mul_add rounds once.

@@ -166,8 +166,8 @@ fn fused_paths_equal_the_separate_launches_and_the_cpu() {
 fn launches(layer: &QuantLinear, rows: usize) -> usize {
     let ctx = gpu();
     let x = GpuTensor::upload(ctx, &random_matrix(rows, IN, 1.0), ActDtype::F32).unwrap();
-    let y = GpuTensor::poisoned(ctx, rows, OUT, ActDtype::F32).unwrap();
-    layer.prepare_forward(&x, &y).unwrap().len()
+    let y = GpuTensor::output(ctx, rows, OUT, ActDtype::F32).unwrap();
+    layer.prepare_forward(&x, &y).unwrap().dispatches().len()
 }
 
 #[test]
@@ -233,12 +233,13 @@ fn mixed_batches_fuse_the_per_row_expand_and_launch_only_what_their_rows_need() 
         let x = random_matrix(names.len(), IN, 1.0);
         let expected = cpu.forward_mixed(&x, names).unwrap();
         let xg = GpuTensor::upload(ctx, &x, ActDtype::F32).unwrap();
-        let y = GpuTensor::poisoned(ctx, names.len(), OUT, ActDtype::F32).unwrap();
+        let y = GpuTensor::output(ctx, names.len(), OUT, ActDtype::F32).unwrap();
         gpu_layer.set_fusion(Fusion::Off);
         assert_eq!(
             gpu_layer
                 .prepare_forward_mixed(&xg, names, &y)
                 .unwrap()
+                .dispatches()
                 .len(),
             unfused
         );
@@ -252,6 +253,7 @@ fn mixed_batches_fuse_the_per_row_expand_and_launch_only_what_their_rows_need() 
             gpu_layer
                 .prepare_forward_mixed(&xg, names, &y)
                 .unwrap()
+                .dispatches()
                 .len(),
             fused
         );

@@ -86,6 +86,7 @@ fn a_device_with_a_small_binding_limit_runs_adapted_layers_in_slices() {
     let limit = 20 << 10;
     limits.max_storage_buffer_binding_size = limit;
     let small = GpuContext::with_limits(limits).unwrap();
+    small.set_debug_poison(true);
     assert_eq!(small.limits().max_storage_buffer_binding_size, limit);
     let (_, base) = bases().remove(2);
     assert!(GpuQuantWeight::upload(&small, &base).unwrap().slices() > 1);

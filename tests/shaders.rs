@@ -1,8 +1,9 @@
 //! Every shader specialization parses, validates and translates to SPIR-V, MSL and HLSL; GLSL
 //! too unless it uses f16, which naga's GLSL writer does not support.
 
-use quantadapt::gpu::shaders::catalogue;
-use quantadapt::gpu::validate::cross_compile;
+use quantadapt::kernels::catalogue;
+mod cross_compile;
+use cross_compile::cross_compile;
 
 #[test]
 fn every_specialization_cross_compiles() {

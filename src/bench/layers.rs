@@ -174,8 +174,8 @@ pub fn layers(
                 let mut runs = Vec::with_capacity(layers.len());
                 for layer in &layers {
                     let x = GpuTensor::upload(ctx, &Matrix::random(m, inp, 1.0), ActDtype::F32)?;
-                    let y = GpuTensor::poisoned(ctx, m, out, ActDtype::F32)?;
-                    runs.push(layer.prepare_forward(&x, &y)?);
+                    let y = GpuTensor::output(ctx, m, out, ActDtype::F32)?;
+                    runs.push(layer.prepare_forward(&x, &y)?.dispatches().to_vec());
                 }
                 let extra = variant.cost(m, shape);
                 let mut item = Item::new(Group::Layer, variant.name(fusion), shape, m);

@@ -79,7 +79,7 @@ pub fn time_matmul<W: GpuMatmul>(
         for w in &weights[..copies] {
             // The launch's bind group keeps x and y alive.
             let x = GpuTensor::upload(ctx, &Matrix::random(m, inp, 1.0), ActDtype::F32)?;
-            let y = GpuTensor::poisoned(ctx, m, out, ActDtype::F32)?;
+            let y = GpuTensor::output(ctx, m, out, ActDtype::F32)?;
             runs.push(vec![w.prepare_matmul(ctx, &x, &y, path)?]);
         }
         let mut item = Item::new(group, name, shape, m);

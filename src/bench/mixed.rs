@@ -42,8 +42,13 @@ pub fn mixed_batches(
         let mut runs = Vec::with_capacity(layers.len());
         for layer in &layers {
             let x = GpuTensor::upload(ctx, &Matrix::random(m, inp, 1.0), ActDtype::F32)?;
-            let y = GpuTensor::poisoned(ctx, m, out, ActDtype::F32)?;
-            runs.push(layer.prepare_forward_mixed(&x, names, &y)?);
+            let y = GpuTensor::output(ctx, m, out, ActDtype::F32)?;
+            runs.push(
+                layer
+                    .prepare_forward_mixed(&x, names, &y)?
+                    .dispatches()
+                    .to_vec(),
+            );
         }
         let extra = AdapterCost::lora(m, shape, used);
         let mut item = Item::new(Group::Mixed, name, shape, m);

@@ -285,13 +285,13 @@ fn demo() -> Result<ExitCode> {
         let cpu_ms = t.elapsed().as_secs_f64() * 1e3;
         let path = MatmulPath::for_rows(m);
         let xg = GpuTensor::upload(&ctx, &x, ActDtype::F32)?;
-        let rotated = GpuTensor::poisoned(&ctx, m, inp, ActDtype::F32)?;
-        let y = GpuTensor::poisoned(&ctx, m, out, ActDtype::F32)?;
+        let rotated = GpuTensor::output(&ctx, m, inp, ActDtype::F32)?;
+        let y = GpuTensor::output(&ctx, m, out, ActDtype::F32)?;
         let rotate = oft.prepare(&ctx, &xg, &rotated)?;
         let matmul = base.prepare(&ctx, &rotated, &y, path)?;
         let [shrink, expand] = lora.prepare(&ctx, &xg, &y, Some(base.bias_buffer()))?;
         let steps = [&rotate, &matmul, &shrink, &expand];
-        Dispatch::run_all(&ctx, &steps)?;
+        Dispatch::submit_all(&ctx, &steps)?;
         let err = max_rel_error(&y.download(&ctx)?.data, &reference.data);
         worst = worst.max(err);
         let timing = if ctx.has_timestamps() {
@@ -367,7 +367,11 @@ fn verify_golden(dir: &std::path::Path, backend: BackendArg) -> Result<ExitCode>
     };
     let gpu = match backends.contains(&Backend::Gpu) {
         true => match GpuContext::new() {
-            Ok(ctx) => Some(ctx),
+            Ok(ctx) => {
+                // A verification run: outputs start as NaN so unwritten elements fail.
+                ctx.set_debug_poison(true);
+                Some(ctx)
+            }
             Err(e) => {
                 println!("note: {e}; every GPU case fails");
                 None

@@ -2,9 +2,9 @@
 
 pub mod buffers;
 pub mod context;
+mod ready;
 pub mod shaders;
 pub mod timing;
-pub mod validate;
 
 pub use buffers::{ActDtype, GpuTensor};
-pub use context::GpuContext;
+pub use context::{Allocations, GpuContext};

@@ -203,22 +203,3 @@ fn preprocess(path: &str, flags: &[&str], out: &mut String, depth: usize) -> Res
     }
     Ok(())
 }
-
-/// Every specialization the library can ask for, for the cross-compilation tests.
-pub fn catalogue() -> Vec<ShaderKey> {
-    let mut keys = crate::kernels::hqq::shader_keys();
-    keys.extend(crate::kernels::gptq::shader_keys());
-    keys.extend(crate::kernels::eetq::shader_keys());
-    keys.extend(crate::kernels::oft::shader_keys());
-    keys.extend(crate::kernels::lora::shader_keys());
-    keys.extend(crate::kernels::mixed::shader_keys());
-    keys.extend(crate::kernels::merge::shader_keys());
-    keys.extend(crate::kernels::hqq_quantize::shader_keys());
-    keys.extend(crate::kernels::dense::shader_keys());
-    keys.extend(crate::kernels::stream::shader_keys());
-    keys.extend(crate::kernels::fma::shader_keys());
-    // Word-decoding format variants share their non-GEMV kernels with the element ones.
-    let mut seen = std::collections::HashSet::new();
-    keys.retain(|key| seen.insert(key.clone()));
-    keys
-}

@@ -33,7 +33,7 @@ pub fn time_pass(
     let period = ctx.queue.get_timestamp_period() as f64;
     let mut times = Vec::with_capacity(repeats);
     for _ in 0..repeats {
-        ctx.submit(|enc| {
+        ctx.run(|enc| {
             {
                 let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                     label: Some("timed"),

@@ -8,7 +8,7 @@ use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
 use crate::kernels::{
     Dispatch, GEMM_BLOCKED_ROWS, GEMM_TILE, GEMV_MAX_ROWS, GEMV_ROW_SPECIALIZATIONS, MatmulPath,
-    bind, check_io, check_path_rows, gemm_block, gemm_grid, gemv_max_m, grid,
+    bind_resources, check_io, check_path_rows, gemm_block, gemm_grid, gemv_max_m, grid,
 };
 use crate::tensor::Matrix;
 
@@ -130,15 +130,15 @@ impl GpuDenseWeight {
                 has_bias: self.has_bias as u32,
             },
         )?;
-        let bind = bind(
+        let bind = bind_resources(
             ctx,
             &pipeline,
-            &[
-                (0, &params),
-                (1, &self.weight),
-                (2, &x.buffer),
-                (3, &self.bias),
-                (4, &y.buffer),
+            vec![
+                (0, params.as_entire_binding()),
+                (1, self.weight.as_entire_binding()),
+                (2, x.binding()),
+                (3, self.bias.as_entire_binding()),
+                (4, y.binding()),
             ],
         )?;
         Ok(Dispatch::new(pipeline, bind, groups))
@@ -151,8 +151,8 @@ impl GpuDenseWeight {
         x: &GpuTensor,
         path: MatmulPath,
     ) -> Result<GpuTensor> {
-        let y = GpuTensor::poisoned(ctx, x.rows, self.out_features, x.dtype)?;
-        Dispatch::run_all(ctx, &[&self.prepare(ctx, x, &y, path)?])?;
+        let y = GpuTensor::output(ctx, x.rows, self.out_features, x.dtype)?;
+        Dispatch::submit_all(ctx, &[&self.prepare(ctx, x, &y, path)?])?;
         Ok(y)
     }
 }

@@ -2,7 +2,7 @@
 //! memory traffic, whose rate is the f32 FMA ceiling a WGSL kernel can reach on the device.
 
 use crate::error::{Error, Result};
-use crate::gpu::buffers::{poisoned_f32, read_f32, uniform};
+use crate::gpu::buffers::{read_f32, scratch_f32, uniform};
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext};
 use crate::kernels::{Dispatch, bind, grid};
@@ -65,7 +65,7 @@ impl GpuFmaPeak {
             invocations: inv,
             iterations: iters,
             params: uniform(ctx, "fma params", &params)?,
-            out: poisoned_f32(ctx, "fma sums", invocations)?,
+            out: scratch_f32(ctx, "fma sums", invocations)?,
         })
     }
 

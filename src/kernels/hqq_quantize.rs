@@ -15,7 +15,7 @@
 use crate::error::{Error, Result, check_finite};
 use crate::formats::hqq::{ComputeDtype, Grouping, HqqConfig, HqqWeight, Packing};
 use crate::gpu::buffers::{
-    poisoned_f32, read_buffer, read_f32, storage_from_bytes, storage_from_f32, uniform,
+    read_buffer, read_f32, scratch_f32, storage_from_bytes, storage_from_f32, uniform,
 };
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext};
@@ -193,10 +193,10 @@ fn run(
     let groups = plan.grouping.groups();
     let params = uniform(ctx, "hqq quantize params", &plan.params)?;
     let w = storage_from_f32(ctx, "hqq quantize W", &weight.data)?;
-    let inv_scale = poisoned_f32(ctx, "hqq inv_scale", groups)?;
-    let scale = poisoned_f32(ctx, "hqq scale", groups)?;
-    let zero = poisoned_f32(ctx, "hqq zero", groups)?;
-    let packed = poisoned_f32(ctx, "hqq W_q", plan.params.words as usize)?;
+    let inv_scale = scratch_f32(ctx, "hqq inv_scale", groups)?;
+    let scale = scratch_f32(ctx, "hqq scale", groups)?;
+    let zero = scratch_f32(ctx, "hqq zero", groups)?;
+    let packed = scratch_f32(ctx, "hqq W_q", plan.params.words as usize)?;
     let state = SolverState {
         stopped: 0,
         beta: config.solver.beta,
@@ -228,7 +228,7 @@ fn run(
     )?;
     let init = Dispatch::new(p, b, per_group);
     let solver = if config.optimize && config.solver.iters > 0 {
-        let group_error = poisoned_f32(ctx, "hqq group error", groups)?;
+        let group_error = scratch_f32(ctx, "hqq group error", groups)?;
         let (p, b) = stage(
             "iterate",
             f32,
@@ -283,7 +283,7 @@ fn run(
     }
     order.push(&pack);
     order.extend(&finalize);
-    Dispatch::run_all(ctx, &order)?;
+    Dispatch::submit_all(ctx, &order)?;
     Ok(Quantized {
         plan,
         packed,

@@ -2,11 +2,11 @@
 //! the scaled product into the base output in place (and rescales it for DoRA).
 
 use crate::error::{Error, Result};
-use crate::gpu::buffers::{poisoned_f32, storage_from_f32, uniform};
+use crate::gpu::buffers::{scratch_f32, storage_from_f32, uniform};
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
 use crate::kernels::fused::LoraEpilogue;
-use crate::kernels::{Dispatch, bind, check_io};
+use crate::kernels::{Dispatch, bind_resources, check_io};
 use crate::tensor::Matrix;
 
 const WORKGROUP: u32 = 256;
@@ -115,13 +115,18 @@ impl GpuLora {
             ));
         }
         let m = x.rows;
-        let h = poisoned_f32(ctx, "lora h", m * self.rank)?;
+        let h = scratch_f32(ctx, "lora h", m * self.rank)?;
         let params = uniform(ctx, "lora params", &self.params(m, false))?;
         let shrink = ctx.pipeline(&key("shrink", x.dtype))?;
-        let bind = bind(
+        let bind = bind_resources(
             ctx,
             &shrink,
-            &[(0, &params), (1, &self.a), (3, &x.buffer), (4, &h)],
+            vec![
+                (0, params.as_entire_binding()),
+                (1, self.a.as_entire_binding()),
+                (3, x.binding()),
+                (4, h.as_entire_binding()),
+            ],
         )?;
         let dispatch = Dispatch::elementwise(shrink, bind, m * self.rank, WORKGROUP);
         Ok((dispatch, h))
@@ -152,16 +157,22 @@ impl GpuLora {
         let params = uniform(ctx, "lora params", &self.params(x.rows, bias.is_some()))?;
         let expand = ctx.pipeline(&key("expand", x.dtype))?;
         let unused = &self.b;
-        let expand_bind = bind(
+        let expand_bind = bind_resources(
             ctx,
             &expand,
-            &[
-                (0, &params),
-                (2, &self.b),
-                (4, &h),
-                (5, self.dora_scale.as_ref().unwrap_or(unused)),
-                (6, bias.unwrap_or(unused)),
-                (7, &y.buffer),
+            vec![
+                (0, params.as_entire_binding()),
+                (2, self.b.as_entire_binding()),
+                (4, h.as_entire_binding()),
+                (
+                    5,
+                    self.dora_scale
+                        .as_ref()
+                        .unwrap_or(unused)
+                        .as_entire_binding(),
+                ),
+                (6, bias.unwrap_or(unused).as_entire_binding()),
+                (7, y.binding()),
             ],
         )?;
         Ok([
@@ -170,7 +181,7 @@ impl GpuLora {
         ])
     }
 
-    /// Adds the adapter's term into `y` in place.
+    /// Adds the adapter's term into `y` in place (submitted, not waited for).
     pub fn apply(
         &self,
         ctx: &GpuContext,
@@ -179,6 +190,6 @@ impl GpuLora {
         bias: Option<&wgpu::Buffer>,
     ) -> Result<()> {
         let [shrink, expand] = self.prepare(ctx, x, y, bias)?;
-        Dispatch::run_all(ctx, &[&shrink, &expand])
+        Dispatch::submit_all(ctx, &[&shrink, &expand]).map(drop)
     }
 }

@@ -2,7 +2,7 @@
 //! result is then re-quantized by `kernels::hqq_quantize`.
 
 use crate::error::{Error, Result};
-use crate::gpu::buffers::{poisoned_f32, read_f32, storage_from_f32, uniform};
+use crate::gpu::buffers::{read_f32, scratch_f32, storage_from_f32, uniform};
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext};
 use crate::kernels::quant::GpuQuantWeight;
@@ -57,7 +57,7 @@ pub fn merged_weight(
 ) -> Result<Matrix> {
     let (n, k) = (base.out_features, base.in_features);
     let w = base.dequantize_buffer(ctx)?;
-    let out = poisoned_f32(ctx, "merged weight", n * k)?;
+    let out = scratch_f32(ctx, "merged weight", n * k)?;
     let mut params = MergeParams {
         n: n as u32,
         k: k as u32,
@@ -127,7 +127,7 @@ pub fn merged_weight(
         ],
     };
     let bind = bind(ctx, &pipeline, &entries)?;
-    Dispatch::run_all(
+    Dispatch::submit_all(
         ctx,
         &[&Dispatch::elementwise(pipeline, bind, n * k, WORKGROUP)],
     )?;

@@ -3,11 +3,11 @@
 //! adapters, segmented by a per-row slot index.
 
 use crate::error::{Error, Result};
-use crate::gpu::buffers::{poisoned_f32, storage_from_bytes, storage_from_f32, uniform};
+use crate::gpu::buffers::{scratch_f32, storage_from_bytes, storage_from_f32, uniform};
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
 use crate::kernels::fused::LoraEpilogue;
-use crate::kernels::{Dispatch, bind, check_io};
+use crate::kernels::{Dispatch, bind_resources, check_io};
 use crate::tensor::Matrix;
 
 const WORKGROUP: u32 = 256;
@@ -190,16 +190,16 @@ impl GpuMixedAdapters {
         check_io(x, rotated, self.in_features, self.in_features)?;
         let pipeline = ctx.pipeline(&key("rotate", x.dtype))?;
         let params = self.params(ctx, x.rows, false)?;
-        let bind = bind(
+        let bind = bind_resources(
             ctx,
             &pipeline,
-            &[
-                (0, &params),
-                (1, row_slots),
-                (2, &self.table),
-                (3, &self.weights),
-                (4, &x.buffer),
-                (7, &rotated.buffer),
+            vec![
+                (0, params.as_entire_binding()),
+                (1, row_slots.as_entire_binding()),
+                (2, self.table.as_entire_binding()),
+                (3, self.weights.as_entire_binding()),
+                (4, x.binding()),
+                (7, rotated.binding()),
             ],
         )?;
         Ok(Dispatch::elementwise(pipeline, bind, x.numel(), WORKGROUP))
@@ -221,19 +221,19 @@ impl GpuMixedAdapters {
             ));
         }
         let m = x.rows;
-        let h = poisoned_f32(ctx, "mixed h", m * self.max_rank)?;
+        let h = scratch_f32(ctx, "mixed h", m * self.max_rank)?;
         let params = self.params(ctx, m, false)?;
         let shrink = ctx.pipeline(&key("shrink", x.dtype))?;
-        let bind = bind(
+        let bind = bind_resources(
             ctx,
             &shrink,
-            &[
-                (0, &params),
-                (1, row_slots),
-                (2, &self.table),
-                (3, &self.weights),
-                (4, &x.buffer),
-                (5, &h),
+            vec![
+                (0, params.as_entire_binding()),
+                (1, row_slots.as_entire_binding()),
+                (2, self.table.as_entire_binding()),
+                (3, self.weights.as_entire_binding()),
+                (4, x.binding()),
+                (5, h.as_entire_binding()),
             ],
         )?;
         let dispatch = Dispatch::elementwise(shrink, bind, m * self.max_rank, WORKGROUP);
@@ -269,17 +269,17 @@ impl GpuMixedAdapters {
         let (shrink, h) = self.prepare_shrink(ctx, row_slots, x)?;
         let params = self.params(ctx, x.rows, bias.is_some())?;
         let expand = ctx.pipeline(&key("expand", x.dtype))?;
-        let expand_bind = bind(
+        let expand_bind = bind_resources(
             ctx,
             &expand,
-            &[
-                (0, &params),
-                (1, row_slots),
-                (2, &self.table),
-                (3, &self.weights),
-                (5, &h),
-                (6, bias.unwrap_or(&self.weights)),
-                (7, &y.buffer),
+            vec![
+                (0, params.as_entire_binding()),
+                (1, row_slots.as_entire_binding()),
+                (2, self.table.as_entire_binding()),
+                (3, self.weights.as_entire_binding()),
+                (5, h.as_entire_binding()),
+                (6, bias.unwrap_or(&self.weights).as_entire_binding()),
+                (7, y.binding()),
             ],
         )?;
         Ok([

@@ -1,7 +1,9 @@
 //! One module per shader family: GPU-resident weights, bind groups and dispatch.
 
+#[cfg(feature = "bench")]
 pub mod dense;
 pub mod eetq;
+#[cfg(feature = "bench")]
 pub mod fma;
 pub mod fused;
 pub mod gptq;
@@ -12,10 +14,35 @@ pub mod merge;
 pub mod mixed;
 pub mod oft;
 pub mod quant;
+#[cfg(feature = "bench")]
 pub mod stream;
 
 use crate::error::{Error, Result};
+use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{GpuContext, GpuTensor};
+
+/// Every shader specialization the library can ask for (for ahead-of-time checks such as the
+/// cross-compilation tests).
+pub fn catalogue() -> Vec<ShaderKey> {
+    let mut keys = hqq::shader_keys();
+    keys.extend(gptq::shader_keys());
+    keys.extend(eetq::shader_keys());
+    keys.extend(oft::shader_keys());
+    keys.extend(lora::shader_keys());
+    keys.extend(mixed::shader_keys());
+    keys.extend(merge::shader_keys());
+    keys.extend(hqq_quantize::shader_keys());
+    #[cfg(feature = "bench")]
+    {
+        keys.extend(dense::shader_keys());
+        keys.extend(stream::shader_keys());
+        keys.extend(fma::shader_keys());
+    }
+    // Word-decoding format variants share their non-GEMV kernels with the element ones.
+    let mut seen = std::collections::HashSet::new();
+    keys.retain(|key| seen.insert(key.clone()));
+    keys
+}
 
 /// Workgroups per grid dimension a launch may ask for.
 const MAX_GRID: u32 = 65535;
@@ -108,10 +135,12 @@ pub(crate) fn check_io(x: &GpuTensor, y: &GpuTensor, inputs: usize, outputs: usi
 
 /// Bound kernel launches (usually one) that can be recorded into any compute pass, any number
 /// of times.
+#[derive(Clone, Debug)]
 pub struct Dispatch {
     launches: Vec<Launch>,
 }
 
+#[derive(Clone, Debug)]
 struct Launch {
     pipeline: wgpu::ComputePipeline,
     bind: wgpu::BindGroup,
@@ -164,31 +193,48 @@ impl Dispatch {
         }
     }
 
-    /// Records the launches in one pass, submits and waits.
-    pub fn run_all(ctx: &GpuContext, dispatches: &[&Dispatch]) -> Result<()> {
-        ctx.submit(|enc| {
-            let mut pass = enc.begin_compute_pass(&Default::default());
-            for d in dispatches {
-                d.record(&mut pass);
-            }
-        })
+    /// Records the launches in one pass of a host encoder (nothing is submitted).
+    pub fn encode_all(encoder: &mut wgpu::CommandEncoder, dispatches: &[&Dispatch]) {
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("quantadapt"),
+            timestamp_writes: None,
+        });
+        for d in dispatches {
+            d.record(&mut pass);
+        }
+    }
+
+    /// Records the launches in one pass and submits them, without waiting.
+    pub fn submit_all(ctx: &GpuContext, dispatches: &[&Dispatch]) -> Result<wgpu::SubmissionIndex> {
+        ctx.submit(|enc| Self::encode_all(enc, dispatches))
     }
 }
 
-/// A bind group for group 0 of `pipeline` from `(binding, buffer)` pairs; a binding the device
-/// refuses comes back as [`Error::Gpu`].
+/// A bind group for group 0 of `pipeline` from `(binding, buffer)` pairs, each buffer bound
+/// whole; a binding the device refuses comes back as an error.
 pub(crate) fn bind(
     ctx: &GpuContext,
     pipeline: &wgpu::ComputePipeline,
     entries: &[(u32, &wgpu::Buffer)],
 ) -> Result<wgpu::BindGroup> {
-    let entries: Vec<wgpu::BindGroupEntry<'_>> = entries
+    let resources: Vec<(u32, wgpu::BindingResource<'_>)> = entries
         .iter()
-        .map(|(binding, buffer)| wgpu::BindGroupEntry {
-            binding: *binding,
-            resource: buffer.as_entire_binding(),
-        })
+        .map(|(binding, buffer)| (*binding, buffer.as_entire_binding()))
         .collect();
+    bind_resources(ctx, pipeline, resources)
+}
+
+/// [`bind`] with any resources: tensors bind their own range ([`GpuTensor::binding`]).
+pub(crate) fn bind_resources(
+    ctx: &GpuContext,
+    pipeline: &wgpu::ComputePipeline,
+    entries: Vec<(u32, wgpu::BindingResource<'_>)>,
+) -> Result<wgpu::BindGroup> {
+    let entries: Vec<wgpu::BindGroupEntry<'_>> = entries
+        .into_iter()
+        .map(|(binding, resource)| wgpu::BindGroupEntry { binding, resource })
+        .collect();
+    ctx.count_bind_group();
     let (group, validation, _) = ctx.capture(|| {
         ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,
@@ -200,7 +246,7 @@ pub(crate) fn bind(
         None => Ok(group),
         Some(e) => {
             ctx.check_alive()?;
-            Err(Error::Gpu(format!("bind group: {e}")))
+            Err(Error::wgpu("bind group", e))
         }
     }
 }

@@ -3,11 +3,11 @@
 
 use crate::adapters::oft::Parameterization;
 use crate::error::{Error, Result, check_finite};
-use crate::gpu::buffers::{create_buffer, poisoned_f32, read_f32, storage_from_f32, uniform};
+use crate::gpu::buffers::{create_buffer, read_f32, scratch_f32, storage_from_f32, uniform};
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
 use crate::kernels::fused::OftPrologue;
-use crate::kernels::{Dispatch, bind, check_io, grid};
+use crate::kernels::{Dispatch, bind, bind_resources, check_io, grid};
 
 const WORKGROUP: u32 = 256;
 
@@ -168,7 +168,7 @@ impl GpuOft {
             },
         )?;
         let params_buf = storage_from_f32(ctx, "oft generator", params)?;
-        let blocks = poisoned_f32(ctx, "oft blocks", out_floats)?;
+        let blocks = scratch_f32(ctx, "oft blocks", out_floats)?;
         let scratch_bytes = scratch_floats.checked_mul(4).ok_or_else(too_big)?;
         let limit = ctx.limits().max_storage_buffer_binding_size as usize;
         if scratch_bytes > limit {
@@ -197,7 +197,7 @@ impl GpuOft {
             ],
         )?;
         let dispatch = Dispatch::new(pipeline, bind_group, grid(param_rows as u32));
-        Dispatch::run_all(ctx, &[&dispatch])?;
+        Dispatch::submit_all(ctx, &[&dispatch])?;
         Ok(Self {
             in_features,
             block_size: b,
@@ -235,14 +235,14 @@ impl GpuOft {
                 stored_blocks: self.stored_blocks as u32,
             },
         )?;
-        let bind = bind(
+        let bind = bind_resources(
             ctx,
             &pipeline,
-            &[
-                (0, &params),
-                (1, &self.blocks),
-                (2, &x.buffer),
-                (3, &y.buffer),
+            vec![
+                (0, params.as_entire_binding()),
+                (1, self.blocks.as_entire_binding()),
+                (2, x.binding()),
+                (3, y.binding()),
             ],
         )?;
         Ok(Dispatch::elementwise(pipeline, bind, x.numel(), WORKGROUP))
@@ -250,8 +250,8 @@ impl GpuOft {
 
     /// `x · blockdiag(R)`, rounded to the activation dtype.
     pub fn rotate(&self, ctx: &GpuContext, x: &GpuTensor) -> Result<GpuTensor> {
-        let y = GpuTensor::poisoned(ctx, x.rows, x.cols, x.dtype)?;
-        Dispatch::run_all(ctx, &[&self.prepare(ctx, x, &y)?])?;
+        let y = GpuTensor::output(ctx, x.rows, x.cols, x.dtype)?;
+        Dispatch::submit_all(ctx, &[&self.prepare(ctx, x, &y)?])?;
         Ok(y)
     }
 }

@@ -6,13 +6,13 @@
 use crate::error::{Error, Result};
 use crate::formats::split::{RowSplit, plan_row_splits};
 use crate::formats::{QuantFormat, QuantWeight};
-use crate::gpu::buffers::{poisoned_f32, read_f32, storage_from_f32, uniform};
+use crate::gpu::buffers::{read_f32, scratch_f32, storage_from_f32, uniform};
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
 use crate::kernels::fused::{EpilogueKind, Fused, extra_storage_bindings, with_fused_flags};
 use crate::kernels::{
-    Dispatch, GEMM_BLOCKS, GEMM_TILE, GEMV_ROW_SPECIALIZATIONS, MatmulPath, bind, check_io,
-    check_path_rows, gemm_block, gemm_grid, gemv_max_m, grid,
+    Dispatch, GEMM_BLOCKS, GEMM_TILE, GEMV_ROW_SPECIALIZATIONS, MatmulPath, bind_resources,
+    check_io, check_path_rows, gemm_block, gemm_grid, gemv_max_m, grid,
 };
 use crate::tensor::Matrix;
 
@@ -263,12 +263,13 @@ impl GpuQuantWeight {
     /// The whole weight dequantized to f32 `[out, in]` in a new GPU buffer, for merges; the
     /// layer itself never keeps a dequantized copy.
     pub fn dequantize_buffer(&self, ctx: &GpuContext) -> Result<wgpu::Buffer> {
-        let out = poisoned_f32(ctx, "dequantized", self.out_features * self.in_features)?;
+        let out = scratch_f32(ctx, "dequantized", self.out_features * self.in_features)?;
         let mut launches = Vec::new();
         for slice in &self.slices {
             let pipeline = ctx.pipeline(&slice.shader.dequant_key())?;
             let params = slice.params(ctx, 0, self.in_features, self.out_features)?;
-            let bind = slice.bind_group(ctx, &pipeline, &params, &[(8, &out)])?;
+            let bind =
+                slice.bind_group(ctx, &pipeline, &params, vec![(8, out.as_entire_binding())])?;
             let numel = (slice.rows * self.in_features) as u32;
             launches.push(Dispatch::new(
                 pipeline,
@@ -276,7 +277,7 @@ impl GpuQuantWeight {
                 grid(numel.div_ceil(DEQUANT_WORKGROUP)),
             ));
         }
-        Dispatch::run_all(ctx, &[&Dispatch::chain(launches)])?;
+        Dispatch::submit_all(ctx, &[&Dispatch::chain(launches)])?;
         Ok(out)
     }
 
@@ -298,8 +299,8 @@ impl GpuQuantWeight {
         x: &GpuTensor,
         path: MatmulPath,
     ) -> Result<GpuTensor> {
-        let y = GpuTensor::poisoned(ctx, x.rows, self.out_features, x.dtype)?;
-        Dispatch::run_all(ctx, &[&self.prepare(ctx, x, &y, path)?])?;
+        let y = GpuTensor::output(ctx, x.rows, self.out_features, x.dtype)?;
+        Dispatch::submit_all(ctx, &[&self.prepare(ctx, x, &y, path)?])?;
         Ok(y)
     }
 
@@ -378,11 +379,20 @@ impl GpuQuantWeight {
             };
             let pipeline = ctx.pipeline(&key)?;
             let params = slice.params(ctx, x.rows, self.in_features, self.out_features)?;
-            let mut tail = vec![(6, &x.buffer), (7, &slice.bias), (8, &y.buffer)];
+            let mut tail = vec![
+                (6, x.binding()),
+                (7, slice.bias.as_entire_binding()),
+                (8, y.binding()),
+            ];
             if !fused.is_empty() {
-                tail.extend(fused.bindings(&fused_params));
+                let fused_buffers = fused.bindings(&fused_params);
+                tail.extend(
+                    fused_buffers
+                        .iter()
+                        .map(|(i, b)| (*i, b.as_entire_binding())),
+                );
             }
-            let bind = slice.bind_group(ctx, &pipeline, &params, &tail)?;
+            let bind = slice.bind_group(ctx, &pipeline, &params, tail)?;
             launches.push(Dispatch::new(pipeline, bind, groups));
         }
         Ok(Dispatch::chain(launches))
@@ -411,12 +421,16 @@ impl RowSlice {
         ctx: &GpuContext,
         pipeline: &wgpu::ComputePipeline,
         params: &wgpu::Buffer,
-        tail: &[(u32, &wgpu::Buffer)],
+        tail: Vec<(u32, wgpu::BindingResource<'_>)>,
     ) -> Result<wgpu::BindGroup> {
-        let mut entries: Vec<(u32, &wgpu::Buffer)> = vec![(0, params)];
-        entries.extend(self.format_bindings.iter().map(|(i, b)| (*i, b)));
-        entries.extend_from_slice(tail);
-        bind(ctx, pipeline, &entries)
+        let mut entries = vec![(0, params.as_entire_binding())];
+        entries.extend(
+            self.format_bindings
+                .iter()
+                .map(|(i, b)| (*i, b.as_entire_binding())),
+        );
+        entries.extend(tail);
+        bind_resources(ctx, pipeline, entries)
     }
 
     /// Storage buffers a launch on this slice binds: the format's, x, bias and y.

@@ -7,11 +7,15 @@ use std::sync::OnceLock;
 use quantadapt::gpu::GpuContext;
 use quantadapt::tensor::Matrix;
 
-/// The GPU every GPU test runs on. A missing adapter fails the test: it is never skipped.
+/// The GPU every GPU test runs on, with outputs NaN-poisoned so that unwritten elements show.
+/// A missing adapter fails the test: it is never skipped.
 pub fn gpu() -> &'static GpuContext {
     static CTX: OnceLock<GpuContext> = OnceLock::new();
     CTX.get_or_init(|| match GpuContext::new() {
-        Ok(ctx) => ctx,
+        Ok(ctx) => {
+            ctx.set_debug_poison(true);
+            ctx
+        }
         Err(e) => panic!("GPU tests need an adapter (install mesa-vulkan-drivers): {e}"),
     })
 }

@@ -3,7 +3,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use crate::gpu::shaders::ShaderKey;
+use quantadapt::gpu::shaders::ShaderKey;
 
 /// The outcome of translating one specialization, per target.
 #[derive(Debug)]
