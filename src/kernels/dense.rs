@@ -167,3 +167,15 @@ pub fn dense_f16_cpu(x: &Matrix, weight: &Matrix, bias: Option<&[f32]>) -> Resul
     }
     Ok(y)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::layout::{assert_matches_shader, rust_layout};
+
+    #[test]
+    fn params_match_the_shader() {
+        let layout = rust_layout!(DenseParams { m, n, k, has_bias });
+        assert_matches_shader(&shader_keys(), "DenseParams", layout);
+    }
+}

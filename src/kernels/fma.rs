@@ -115,3 +115,20 @@ pub fn fma_peak_cpu(invocations: usize, iterations: usize) -> Vec<f32> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::layout::{assert_matches_shader, rust_layout};
+
+    #[test]
+    fn params_match_the_shader() {
+        let layout = rust_layout!(FmaParams {
+            iterations,
+            invocations,
+            mul,
+            add
+        });
+        assert_matches_shader(&shader_keys(), "FmaParams", layout);
+    }
+}

@@ -192,3 +192,22 @@ pub fn oft_prologue_pays(workgroups: usize, m: usize, k: usize, b: usize, shared
     let extra_fma = (workgroups.saturating_sub(1) * m * k * b) as f64;
     extra_bytes / READ_BYTES_PER_SECOND + extra_fma / FMA_PER_SECOND < LAUNCH_SECONDS
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::layout::{assert_matches_shader, rust_layout};
+
+    #[test]
+    fn params_match_the_shader() {
+        let layout = rust_layout!(FusedParams {
+            oft_b,
+            oft_stored_blocks,
+            lora_r,
+            lora_scaling,
+            lora_dora,
+            pad
+        });
+        assert_matches_shader(&crate::kernels::hqq::shader_keys(), "FusedParams", layout);
+    }
+}

@@ -85,3 +85,15 @@ impl GpuQuantWeight {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::layout::{assert_matches_shader, rust_layout};
+
+    #[test]
+    fn params_match_the_shader() {
+        let layout = rust_layout!(GptqParams { zero_words, pad });
+        assert_matches_shader(&shader_keys(), "FormatParams", layout);
+    }
+}

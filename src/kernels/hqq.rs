@@ -135,3 +135,22 @@ impl GpuQuantWeight {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::layout::{assert_matches_shader, rust_layout};
+
+    #[test]
+    fn params_match_the_shader() {
+        let layout = rust_layout!(HqqParams {
+            group_size,
+            groups,
+            axis,
+            slab_len,
+            slab_rows,
+            pad
+        });
+        assert_matches_shader(&shader_keys(), "FormatParams", layout);
+    }
+}

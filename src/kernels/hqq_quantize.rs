@@ -345,3 +345,32 @@ pub fn quantize_to_host(
         config.compute_dtype,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::layout::{assert_matches_shader, rust_layout};
+
+    #[test]
+    fn params_match_the_shader() {
+        let layout = rust_layout!(QuantParams {
+            numel,
+            group_size,
+            groups,
+            axis,
+            max_code,
+            round_zero,
+            slab_len,
+            words,
+            field_bits,
+            per_element,
+            three_bit,
+            lp_norm,
+            kappa,
+            grow_beta,
+            opaque,
+            _pad
+        });
+        assert_matches_shader(&shader_keys(), "QuantParams", layout);
+    }
+}

@@ -193,3 +193,24 @@ impl GpuLora {
         Dispatch::submit_all(ctx, &[&shrink, &expand]).map(drop)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::layout::{assert_matches_shader, rust_layout};
+
+    #[test]
+    fn params_match_the_shader() {
+        let layout = rust_layout!(LoraParams {
+            m,
+            k,
+            n,
+            r,
+            scaling,
+            dora,
+            has_bias,
+            pad
+        });
+        assert_matches_shader(&shader_keys(), "LoraParams", layout);
+    }
+}

@@ -133,3 +133,24 @@ pub fn merged_weight(
     )?;
     Matrix::new(n, k, read_f32(ctx, &out, n * k)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::layout::{assert_matches_shader, rust_layout};
+
+    #[test]
+    fn params_match_the_shader() {
+        let layout = rust_layout!(MergeParams {
+            n,
+            k,
+            b,
+            stored_blocks,
+            rank,
+            scaling,
+            dora,
+            pad
+        });
+        assert_matches_shader(&shader_keys(), "MergeParams", layout);
+    }
+}

@@ -288,3 +288,22 @@ impl GpuMixedAdapters {
         ])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::layout::{assert_matches_shader, rust_layout};
+
+    #[test]
+    fn params_match_the_shader() {
+        let layout = rust_layout!(MixedParams {
+            m,
+            k,
+            n,
+            max_rank,
+            has_bias,
+            pad
+        });
+        assert_matches_shader(&shader_keys(), "MixedParams", layout);
+    }
+}

@@ -9,6 +9,8 @@ pub mod fused;
 pub mod gptq;
 pub mod hqq;
 pub mod hqq_quantize;
+#[cfg(test)]
+mod layout;
 pub mod lora;
 pub mod merge;
 pub mod mixed;

@@ -443,3 +443,23 @@ impl RowSlice {
         format + 3
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::layout::{assert_matches_shader, rust_layout};
+
+    #[test]
+    fn params_match_the_shader() {
+        let layout = rust_layout!(MatmulParams {
+            m,
+            n,
+            k,
+            has_bias,
+            n_offset,
+            y_cols,
+            pad
+        });
+        assert_matches_shader(&crate::kernels::hqq::shader_keys(), "MatmulParams", layout);
+    }
+}

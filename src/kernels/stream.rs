@@ -119,3 +119,15 @@ pub fn stream_read_cpu(words: &[u32], invocations: usize) -> Vec<u32> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::layout::{assert_matches_shader, rust_layout};
+
+    #[test]
+    fn params_match_the_shader() {
+        let layout = rust_layout!(StreamParams { len, invocations });
+        assert_matches_shader(&shader_keys(), "StreamParams", layout);
+    }
+}
