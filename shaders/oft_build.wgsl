@@ -12,11 +12,15 @@ fn advance() {
 // Exact Cayley. PEFT solves X (I + Q) = I - Q; I + Q and I - Q commute, so X = (I + Q)^-1 (I - Q)
 // as well, which Gauss-Jordan elimination with partial pivoting on [A | B] = [I + Q | I - Q]
 // yields (the CPU reference solves the same system). B is the output block itself. Column `col`
-// (= step[0]) takes two launches: `cayley_pivot` picks its pivot row and copies what the
-// elimination reads into scratch, then `cayley_eliminate` computes every element of [A | B] from
-// its own old value and those copies, so no element waits for another.
-// Scratch per block: A (b x b), column col of A (b), the pivot row of [A | B] (2b), row col of
-// [A | B] (2b), the pivot row's index.
+// (= step[0]) takes two launches: `cayley_pivot` picks its pivot row and writes what the
+// elimination needs into scratch, then `cayley_eliminate` computes each element of [A | B] from
+// its own old value and those, so no element waits for another:
+//   new [A | B][r, j] = base[r, j] - factor[r] * pivot_row[j], with
+//   pivot_row = the pivot row of [A | B] divided by its pivot,
+//   base = 0 on row col, the old row col on the pivot row (the swap), else the old value,
+//   factor = -1 on row col, old A[col, col] on the pivot row, else old A[r, col].
+// Scratch per block: A (b x b), factor (b), pivot_row (2b), the old row col (2b), the pivot row's
+// index.
 
 fn cayley_stride(b: u32) -> u32 {
     return b * b + 5u * b + 1u;
@@ -63,7 +67,7 @@ var<workgroup> red_val: array<f32, BLOCK_WG>;
 var<workgroup> red_idx: array<u32, BLOCK_WG>;
 
 // One workgroup per block: the row >= col with the largest |A[row, col]| (lowest row on ties),
-// and copies of column col of A, the pivot row and row col.
+// then factor, pivot_row and the old row col.
 @compute @workgroup_size(BLOCK_WG)
 fn cayley_pivot(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -77,9 +81,9 @@ fn cayley_pivot(
     let b = p.b;
     let col = step[0];
     let a0 = blk * cayley_stride(b);
-    let f0 = a0 + b * b;
-    let piv_row0 = f0 + b;
-    let col_row0 = piv_row0 + 2u * b;
+    let factor0 = a0 + b * b;
+    let pivot_row0 = factor0 + b;
+    let col_row0 = pivot_row0 + 2u * b;
     let r0 = blk * b * b;
 
     var best = -1.0;
@@ -108,10 +112,17 @@ fn cayley_pivot(
     let piv = red_idx[0];
 
     for (var r = t; r < b; r += BLOCK_WG) {
-        scratch[f0 + r] = scratch[a0 + r * b + col];
+        var f = scratch[a0 + r * b + col];
+        if (r == col) {
+            f = -1.0;
+        } else if (r == piv) {
+            f = scratch[a0 + col * b + col];
+        }
+        scratch[factor0 + r] = f;
     }
+    let pivot = scratch[a0 + piv * b + col];
     for (var j = t; j < 2u * b; j += BLOCK_WG) {
-        scratch[piv_row0 + j] = ab_get(a0, r0, piv, j);
+        scratch[pivot_row0 + j] = ab_get(a0, r0, piv, j) / pivot;
         scratch[col_row0 + j] = ab_get(a0, r0, col, j);
     }
     if (t == 0u) {
@@ -119,9 +130,12 @@ fn cayley_pivot(
     }
 }
 
-// One invocation per element of [A | B] of every block: swap rows col and piv, scale the pivot row,
-// eliminate column col from every other row. Columns of A left of col are unit vectors already and
-// stay so.
+// Columns of [A | B] one cayley_eliminate invocation updates (in one row).
+const ELIMINATE_COLUMNS: u32 = 4u;
+
+// One invocation per ELIMINATE_COLUMNS elements of a row of [A | B] of every block: swap rows col
+// and piv, scale the pivot row, eliminate column col from every other row. Columns of A left of
+// col are unit vectors already and stay so.
 @compute @workgroup_size(ELEMENT_WG)
 fn cayley_eliminate(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -129,40 +143,46 @@ fn cayley_eliminate(
     @builtin(local_invocation_index) t: u32,
 ) {
     let b = p.b;
-    let per_block = 2u * b * b;
+    let groups_per_row = (2u * b + ELIMINATE_COLUMNS - 1u) / ELIMINATE_COLUMNS;
+    let per_block = b * groups_per_row;
     let g = element_index(wid, nwg, t);
     if (g >= p.rows * per_block) {
         return;
     }
     let col = step[0];
     let blk = g / per_block;
-    let r = (g % per_block) / (2u * b);
-    let j = g % (2u * b);
-    if (j < col) {
+    let r = (g % per_block) / groups_per_row;
+    let j0 = (g % groups_per_row) * ELIMINATE_COLUMNS;
+    if (j0 + ELIMINATE_COLUMNS <= col) {
         return;
     }
     let a0 = blk * cayley_stride(b);
-    let f0 = a0 + b * b;
-    let piv_row0 = f0 + b;
-    let col_row0 = piv_row0 + 2u * b;
+    let factor0 = a0 + b * b;
+    let pivot_row0 = factor0 + b;
+    let col_row0 = pivot_row0 + 2u * b;
     let r0 = blk * b * b;
     let piv = u32(scratch[col_row0 + 2u * b]);
-
-    let pj = scratch[piv_row0 + j] / scratch[f0 + piv];
-    var v: f32;
-    if (r == col) {
-        v = pj;
-    } else if (r == piv) {
-        v = scratch[col_row0 + j] - scratch[f0 + col] * pj;
-    } else {
-        v = ab_get(a0, r0, r, j) - scratch[f0 + r] * pj;
+    let factor = scratch[factor0 + r];
+    for (var c = 0u; c < ELIMINATE_COLUMNS; c++) {
+        let j = j0 + c;
+        if (j >= col && j < 2u * b) {
+            var base = 0.0;
+            if (r == piv && r != col) {
+                base = scratch[col_row0 + j];
+            } else if (r != col) {
+                base = ab_get(a0, r0, r, j);
+            }
+            ab_set(a0, r0, r, j, base - factor * scratch[pivot_row0 + j]);
+        }
     }
-    ab_set(a0, r0, r, j, v);
 }
 
 // Cayley-Neumann (common/oft_blocks.wgsl has the series). The powers of Q ping-pong between two
-// b x b scratch matrices; power k (= step[0] + 2) is one launch with one invocation per element.
+// b x b scratch matrices; power k (= step[0] + 2) is one launch in which each invocation computes
+// a TILE x TILE tile of it (so each value it loads feeds TILE multiply-adds), in a loop of b trips.
 // Scratch per block: Q (b x b), then the two powers.
+
+const TILE: u32 = 4u;
 
 fn neumann_stride(b: u32) -> u32 {
     return 3u * b * b;
@@ -196,7 +216,8 @@ fn neumann_init(
     scratch[power_at(blk, 1u) + e] = q;
 }
 
-// Q^k = Q^(k-1) Q, added to R with its coefficient.
+// Q^k = Q^(k-1) Q, added to R with its coefficient. Tiles past the block's edge load clamped
+// indices and store nothing there.
 @compute @workgroup_size(ELEMENT_WG)
 fn neumann_power(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -204,21 +225,51 @@ fn neumann_power(
     @builtin(local_invocation_index) t: u32,
 ) {
     let b = p.b;
-    let bb = b * b;
+    let tiles = (b + TILE - 1u) / TILE;
     let g = element_index(wid, nwg, t);
-    if (g >= p.rows * bb) {
+    if (g >= p.rows * tiles * tiles) {
         return;
     }
     let k = step[0] + 2u;
-    let blk = g / bb;
-    let i = (g % bb) / b;
-    let j = g % b;
+    let blk = g / (tiles * tiles);
+    let i0 = (g % (tiles * tiles)) / tiles * TILE;
+    let j0 = g % tiles * TILE;
     let q0 = blk * neumann_stride(b);
-    let src = power_at(blk, k - 1u) + i * b;
-    var acc = 0.0;
+    let src = power_at(blk, k - 1u);
+    // Clamped rows and columns of the tile. The loop over l runs b trips in all: its body is
+    // written out for TILE = 4 rather than looping, whatever a compiler unrolls.
+    let row0 = src + min(i0, b - 1u) * b;
+    let row1 = src + min(i0 + 1u, b - 1u) * b;
+    let row2 = src + min(i0 + 2u, b - 1u) * b;
+    let row3 = src + min(i0 + 3u, b - 1u) * b;
+    let col0 = min(j0, b - 1u);
+    let col1 = min(j0 + 1u, b - 1u);
+    let col2 = min(j0 + 2u, b - 1u);
+    let col3 = min(j0 + 3u, b - 1u);
+    var acc: array<vec4<f32>, TILE>;
     for (var l = 0u; l < b; l++) {
-        acc += scratch[src + l] * scratch[q0 + l * b + j];
+        let q_row = q0 + l * b;
+        let q = vec4(
+            scratch[q_row + col0],
+            scratch[q_row + col1],
+            scratch[q_row + col2],
+            scratch[q_row + col3],
+        );
+        acc[0] += scratch[row0 + l] * q;
+        acc[1] += scratch[row1 + l] * q;
+        acc[2] += scratch[row2 + l] * q;
+        acc[3] += scratch[row3 + l] * q;
     }
-    scratch[power_at(blk, k) + i * b + j] = acc;
-    blocks[g] += power_coefficient(k) * acc;
+    let dst = power_at(blk, k);
+    let coefficient = power_coefficient(k);
+    for (var r = 0u; r < TILE; r++) {
+        for (var c = 0u; c < TILE; c++) {
+            let i = i0 + r;
+            let j = j0 + c;
+            if (i < b && j < b) {
+                scratch[dst + i * b + j] = acc[r][c];
+                blocks[blk * b * b + i * b + j] += coefficient * acc[r][c];
+            }
+        }
+    }
 }

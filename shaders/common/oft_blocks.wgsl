@@ -3,10 +3,11 @@
 // generator in `triu_indices(b, b, 1)` order (row-major), and Q = S - S^T. `blocks` is
 // [rows, b, b] row-major, the layout oft_rotate.wgsl reads.
 //
-// llvmpipe (lavapipe) ends loops silently once an invocation has run 65535 loop trips in all, over
-// every loop of the shader. So no invocation here loops much more than b times: each launch gives
-// an invocation one element (a dot product of length b at most) or one block's short scan, and
-// the sequential parts (Gauss-Jordan columns, powers of Q) are a chain of launches. A launch that
+// llvmpipe (lavapipe) ends loops silently once an invocation has run 65535 loop trips in all,
+// summed over every loop of the shader, nested or not (one budget per invocation, never reset).
+// So no invocation here loops much more than b times: each launch gives an invocation a few
+// elements (a dot product of length b at most) or one block's short scan, and the sequential
+// parts (Gauss-Jordan columns, powers of Q) are a chain of launches. A launch that
 // needs its place in the chain reads it from `step[0]`, which `advance` increments between
 // launches, so the chain is recorded with one bind group per entry point.
 

@@ -193,7 +193,7 @@ impl BlockBuild {
         }
         .max(5 * b);
         let scratch_floats = per_block.checked_mul(rows).ok_or_else(too_big)?;
-        // The element-wise launches index rows x 2b² elements with u32.
+        // The shaders index elements (fewer than rows x 2b² per launch) and scratch with u32.
         let elements = (2 * b * b).checked_mul(rows).ok_or_else(too_big)?;
         if u32::try_from(scratch_floats).is_err() || u32::try_from(elements).is_err() {
             return Err(too_big());
@@ -241,8 +241,8 @@ impl BlockBuild {
         })
     }
 
-    /// A launch of `entry` with `buffers` bound at bindings 0..: one invocation per element of
-    /// `elements`, or one workgroup per block when `elements` is `None`.
+    /// A launch of the entry point `key` with `bindings` (exactly those its layout uses): one
+    /// invocation per unit of work for `Some(units)`, or one workgroup per block for `None`.
     fn launch(
         &self,
         ctx: &GpuContext,
@@ -284,11 +284,12 @@ impl BlockBuild {
                     &[(0, p), (2, blocks), (3, scratch), (4, step)],
                     None,
                 )?);
+                // ELIMINATE_COLUMNS (4) elements of a row per invocation.
                 let eliminate = chain.add(self.launch(
                     ctx,
                     build_key("cayley_eliminate"),
                     &[(0, p), (2, blocks), (3, scratch), (4, step)],
-                    Some(rows * 2 * b * b),
+                    Some(rows * b * (2 * b).div_ceil(4)),
                 )?);
                 chain.then(init);
                 for col in 0..b {
@@ -306,11 +307,12 @@ impl BlockBuild {
                     &[(0, p), (1, q), (2, blocks), (3, scratch)],
                     Some(rows * b * b),
                 )?);
+                // A TILE x TILE (4 x 4) tile per invocation.
                 let power = chain.add(self.launch(
                     ctx,
                     build_key("neumann_power"),
                     &[(0, p), (2, blocks), (3, scratch), (4, step)],
-                    Some(rows * b * b),
+                    Some(rows * b.div_ceil(4).pow(2)),
                 )?);
                 chain.then(init);
                 for k in 2..=self.last_power {
@@ -394,7 +396,7 @@ impl BlockBuild {
             .max_by(|(_, a), (_, b)| rank(*a).total_cmp(&rank(*b)))
             .unwrap_or((0, f32::NAN));
         let tolerance = defect_tolerance(self.b);
-        if !(defect <= tolerance) {
+        if defect.is_nan() || defect > tolerance {
             let what = match self.parameterization {
                 Parameterization::Cayley => "exact Cayley".to_string(),
                 Parameterization::Neumann { terms } => format!("Cayley-Neumann, {terms} terms"),
