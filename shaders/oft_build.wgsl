@@ -6,13 +6,13 @@
 
 @compute @workgroup_size(1)
 fn advance() {
-    step[0] += 1u;
+    chain_step[0] += 1u;
 }
 
 // Exact Cayley. PEFT solves X (I + Q) = I - Q; I + Q and I - Q commute, so X = (I + Q)^-1 (I - Q)
 // as well, which Gauss-Jordan elimination with partial pivoting on [A | B] = [I + Q | I - Q]
 // yields (the CPU reference solves the same system). B is the output block itself. Column `col`
-// (= step[0]) takes two launches: `cayley_pivot` picks its pivot row and writes what the
+// (= chain_step[0]) takes two launches: `cayley_pivot` picks its pivot row and writes what the
 // elimination needs into scratch, then `cayley_eliminate` computes each element of [A | B] from
 // its own old value and those, so no element waits for another:
 //   new [A | B][r, j] = base[r, j] - factor[r] * pivot_row[j], with
@@ -79,7 +79,7 @@ fn cayley_pivot(
         return;
     }
     let b = p.b;
-    let col = step[0];
+    let col = chain_step[0];
     let a0 = blk * cayley_stride(b);
     let factor0 = a0 + b * b;
     let pivot_row0 = factor0 + b;
@@ -149,7 +149,7 @@ fn cayley_eliminate(
     if (g >= p.rows * per_block) {
         return;
     }
-    let col = step[0];
+    let col = chain_step[0];
     let blk = g / per_block;
     let r = (g % per_block) / groups_per_row;
     let j0 = (g % groups_per_row) * ELIMINATE_COLUMNS;
@@ -178,8 +178,9 @@ fn cayley_eliminate(
 }
 
 // Cayley-Neumann (common/oft_blocks.wgsl has the series). The powers of Q ping-pong between two
-// b x b scratch matrices; power k (= step[0] + 2) is one launch in which each invocation computes
-// a TILE x TILE tile of it (so each value it loads feeds TILE multiply-adds), in a loop of b trips.
+// b x b scratch matrices; power k (= chain_step[0] + 2) is one launch in which each invocation
+// computes a TILE x TILE tile of it (each value it loads feeds TILE multiply-adds), in a loop of
+// b trips.
 // Scratch per block: Q (b x b), then the two powers.
 
 const TILE: u32 = 4u;
@@ -230,7 +231,7 @@ fn neumann_power(
     if (g >= p.rows * tiles * tiles) {
         return;
     }
-    let k = step[0] + 2u;
+    let k = chain_step[0] + 2u;
     let blk = g / (tiles * tiles);
     let i0 = (g % (tiles * tiles)) / tiles * TILE;
     let j0 = g % tiles * TILE;

@@ -104,7 +104,7 @@ fn check_cayley(
     scratch[s0 + 2u * b + i] += abs(vi) + acc_scale;
 }
 
-// Cayley-Neumann: Q^k v = Q (Q^(k-1) v) with k = step[0] + 2, added to expect with its
+// Cayley-Neumann: Q^k v = Q (Q^(k-1) v) with k = chain_step[0] + 2, added to expect with its
 // coefficient.
 @compute @workgroup_size(ELEMENT_WG)
 fn check_power(
@@ -117,7 +117,7 @@ fn check_power(
     if (g >= p.rows * b) {
         return;
     }
-    let k = step[0] + 2u;
+    let k = chain_step[0] + 2u;
     let blk = g / b;
     let i = g % b;
     let qb = q_base(blk);

@@ -7,9 +7,9 @@
 // summed over every loop of the shader, nested or not (one budget per invocation, never reset).
 // So no invocation here loops much more than b times: each launch gives an invocation a few
 // elements (a dot product of length b at most) or one block's short scan, and the sequential
-// parts (Gauss-Jordan columns, powers of Q) are a chain of launches. A launch that
-// needs its place in the chain reads it from `step[0]`, which `advance` increments between
-// launches, so the chain is recorded with one bind group per entry point.
+// parts (Gauss-Jordan columns, powers of Q) are a chain of launches. A launch that needs its
+// place in the chain reads it from `chain_step[0]`, which `advance` increments between launches,
+// so the chain is recorded with one bind group per entry point.
 
 struct BuildParams {
     b: u32,
@@ -25,7 +25,7 @@ struct BuildParams {
 @group(0) @binding(1) var<storage, read> params: array<f32>;
 @group(0) @binding(2) var<storage, read_write> blocks: array<f32>;
 @group(0) @binding(3) var<storage, read_write> scratch: array<f32>;
-@group(0) @binding(4) var<storage, read_write> step: array<u32>;
+@group(0) @binding(4) var<storage, read_write> chain_step: array<u32>;
 
 // Invocations of a launch with one invocation per element.
 const ELEMENT_WG: u32 = 256u;
