@@ -16,7 +16,7 @@ use crate::error::{Error, Result, check_finite};
 use crate::formats::hqq::{HqqConfig, HqqWeight};
 use crate::formats::{QuantFormat, QuantWeight};
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
-use crate::kernels::fused::{EpilogueKind, Fused, oft_prologue_pays};
+use crate::kernels::fused::{EpilogueKind, Fused, oft_prologue_fits, oft_prologue_pays};
 use crate::kernels::hqq_quantize::quantize_to_host;
 use crate::kernels::lora::GpuLora;
 use crate::kernels::merge::{self, MergeDelta};
@@ -130,11 +130,13 @@ pub struct QuantLinear {
 pub enum Fusion {
     /// A launch per adapter kernel: the reference the fused paths are checked against.
     Off,
-    /// An OFT rotation as the GEMV's prologue where `kernels::fused::oft_prologue_pays`, and a
+    /// An OFT rotation as the GEMV's prologue where `kernels::fused::oft_prologue_fits` and
+    /// `oft_prologue_pays`, and a
     /// LoRA expand as the matmul's epilogue wherever the device's binding limit allows.
     #[default]
     Auto,
-    /// Everything the kernels can fuse, paying or not (for tests and measurements).
+    /// Everything the kernels can fuse, paying or not (for tests and measurements); an OFT
+    /// prologue still only where `kernels::fused::oft_prologue_fits`.
     Always,
 }
 
@@ -512,14 +514,16 @@ impl QuantLinear {
         let path = MatmulPath::for_rows(rows);
         let oft_wanted = oft.is_some_and(|oft| {
             let prologue = oft.prologue();
-            self.fusion == Fusion::Always
-                || oft_prologue_pays(
-                    self.base.out_features().div_ceil(GEMV_ROWS_PER_WORKGROUP),
-                    rows,
-                    self.base.in_features(),
-                    prologue.block_size,
-                    prologue.stored_blocks == 1,
-                )
+            let k = self.base.in_features();
+            oft_prologue_fits(rows, k, prologue.block_size)
+                && (self.fusion == Fusion::Always
+                    || oft_prologue_pays(
+                        self.base.out_features().div_ceil(GEMV_ROWS_PER_WORKGROUP),
+                        rows,
+                        k,
+                        prologue.block_size,
+                        prologue.stored_blocks == 1,
+                    ))
         });
         let block = oft.map(|o| o.block_size);
         let fits = |fuse_oft: bool, fuse_lora: bool| {

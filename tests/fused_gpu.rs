@@ -12,7 +12,7 @@ use quantadapt::formats::eetq::EetqWeight;
 use quantadapt::formats::gptq::{GptqConfig, GptqWeight, GptqZeros};
 use quantadapt::formats::hqq::{HqqConfig, HqqWeight};
 use quantadapt::gpu::{ActDtype, GpuTensor};
-use quantadapt::kernels::fused::oft_prologue_pays;
+use quantadapt::kernels::fused::{oft_prologue_fits, oft_prologue_pays};
 use quantadapt::layer::{Backend, Fusion, QuantLinear};
 use quantadapt::tensor::max_rel_error;
 
@@ -158,6 +158,37 @@ fn fused_paths_equal_the_separate_launches_and_the_cpu() {
                     let err = max_rel_error(&fused.data, &expected.data);
                     assert!(err <= tol, "{case}: fused vs CPU {err}");
                 }
+            }
+        }
+    }
+}
+
+/// A prologue whose rotation would take one GEMV invocation past llvmpipe's 65535 loop trips
+/// (m·k·b / 64 = 65536 at 16 rows, 4096 inputs, blocks of 64; 118336 at 11008 inputs, blocks
+/// of 43) used to come back unwritten there: such layers rotate in a launch of their own.
+#[test]
+fn rotations_too_long_for_one_gemv_invocation_run_apart() {
+    let ctx = gpu();
+    for (inp, b) in [(4096usize, 64usize), (11008, 43)] {
+        assert!(!oft_prologue_fits(16, inp, b));
+        assert!(oft_prologue_fits(1, inp, b));
+        let w = random_matrix(8, inp, 0.1);
+        let base =
+            QuantWeight::Hqq(HqqWeight::quantize(&w, None, &HqqConfig::new(4, 64, 1)).unwrap());
+        let params = random_matrix(inp / b, b * (b - 1) / 2, 0.1);
+        let rotation = Parameterization::Neumann { terms: 5 };
+        let oft = OftAdapter::from_params("o", inp, params, rotation, None, false).unwrap();
+        let adapters = [Adapter::Oft(oft)];
+        let cpu = layer(&base, &adapters, Backend::Cpu);
+        let mut gpu_layer = layer(&base, &adapters, Backend::Gpu(Box::new(ctx.clone())));
+        for rows in [1, 16] {
+            let x = random_matrix(rows, inp, 1.0);
+            let expected = cpu.forward(&x).unwrap();
+            for fusion in [Fusion::Auto, Fusion::Always] {
+                gpu_layer.set_fusion(fusion);
+                let y = gpu_layer.forward(&x).unwrap();
+                let err = max_rel_error(&y.data, &expected.data);
+                assert!(err <= 1e-4, "k={inp} b={b} rows={rows} {fusion:?}: {err}");
             }
         }
     }

@@ -176,6 +176,12 @@ pub fn scratch_f32(ctx: &GpuContext, label: &str, count: usize) -> Result<wgpu::
     writable(ctx, label, count * 4, &POISON_F32.to_le_bytes())
 }
 
+/// A storage buffer of `count` f32 filled with NaN whatever the context's debug setting: for a
+/// check's results, where an element a kernel failed to write must read as a failure.
+pub fn nan_f32(ctx: &GpuContext, label: &str, count: usize) -> Result<wgpu::Buffer> {
+    storage_from_bytes(ctx, label, &POISON_F32.to_le_bytes().repeat(count))
+}
+
 impl GpuTensor {
     /// Elements in the tensor.
     pub fn numel(&self) -> usize {

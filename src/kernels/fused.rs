@@ -177,6 +177,19 @@ pub(crate) fn with_fused_flags(key: ShaderKey, oft: bool, lora: Option<EpilogueK
         .flag("PER_ROW_LORA", lora == Some(EpilogueKind::PerRow))
 }
 
+/// The most loop trips a GEMV invocation may spend rotating x in the OFT prologue: each rotates
+/// `m·k / WG` elements of x, b trips each, and llvmpipe silently ends an invocation's loops after
+/// 65535 trips in all (the GEMV's own loops need some of them).
+const OFT_PROLOGUE_TRIPS: usize = 16_384;
+
+/// Whether the OFT prologue's loops stay short enough for every driver at `m` rows, `k` inputs
+/// and blocks of `b` (see [`OFT_PROLOGUE_TRIPS`]); where they do not, the rotation runs as a
+/// launch of its own, whatever the fusion setting.
+pub fn oft_prologue_fits(m: usize, k: usize, b: usize) -> bool {
+    m.saturating_mul(k).saturating_mul(b) / crate::kernels::quant::GEMV_WORKGROUP as usize
+        <= OFT_PROLOGUE_TRIPS
+}
+
 /// What the cost model weighs, as measured on an H100 through wgpu/Vulkan: one more launch
 /// (1.6-2.2 us), the streaming read (3.0 TB/s) and f32 multiply-adds (36 TFLOP/s).
 const LAUNCH_SECONDS: f64 = 2.0e-6;

@@ -16,7 +16,8 @@ use crate::kernels::{
 };
 use crate::tensor::Matrix;
 
-const GEMV_WORKGROUP: u32 = 64;
+/// Invocations of a GEMV workgroup.
+pub(crate) const GEMV_WORKGROUP: u32 = 64;
 /// Output features one GEMV workgroup owns.
 pub const GEMV_ROWS_PER_WORKGROUP: usize = 4;
 /// Values of x (columns x rows) the GEMV's OFT prologue rotates into workgroup memory at a time:
