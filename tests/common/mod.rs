@@ -20,6 +20,11 @@ pub fn golden_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/golden")
 }
 
+/// The whole-model golden set (tests/data/golden-model/README.md).
+pub fn golden_model_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/golden-model")
+}
+
 /// A matrix of fresh random values in [-scale, scale), never all zeros.
 pub fn random_matrix(rows: usize, cols: usize, scale: f32) -> Matrix {
     let m = Matrix::random(rows, cols, scale);
