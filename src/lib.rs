@@ -3,6 +3,7 @@
 
 pub mod adapters;
 pub mod bench;
+pub mod checkpoint;
 pub mod error;
 pub mod formats;
 pub mod io;
