@@ -13,12 +13,12 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
 use crate::io::TensorFile;
 use crate::layer::Backend as LayerBackend;
 use crate::model::{Activations, Model};
-use crate::model_files::ModelFiles;
 use crate::tensor::max_rel_error;
 
 /// One run's name and result.
@@ -77,14 +77,12 @@ impl<'a> ModelCase<'a> {
                 .ok_or_else(|| Error::config(format!("manifest: adapter `{name}` path")))?;
             model.add_adapter_dir(name, &dir.join(path))?;
         }
-        let expected: Vec<&str> = spec["modules"]
-            .as_array()
-            .map(|m| m.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
-        if model.module_names() != expected.as_slice() {
+        let expected = sorted(&spec["modules"]);
+        let mut ours: Vec<&str> = model.module_names().iter().map(String::as_str).collect();
+        ours.sort();
+        if ours != expected {
             return Err(Error::config(format!(
-                "modules {:?} differ from the manifest's {expected:?}",
-                model.module_names()
+                "modules {ours:?} differ from the manifest's {expected:?}"
             )));
         }
         Ok(Self {
@@ -101,11 +99,8 @@ impl<'a> ModelCase<'a> {
             .as_object()
             .ok_or_else(|| Error::config("manifest: `targets` missing"))?;
         for (name, expected) in targets {
-            let expected: Vec<&str> = expected
-                .as_array()
-                .map(|m| m.iter().filter_map(Value::as_str).collect())
-                .unwrap_or_default();
-            let ours: Vec<&str> = self
+            let expected = sorted(expected);
+            let mut ours: Vec<&str> = self
                 .model
                 .adapter(name)
                 .ok_or_else(|| Error::config(format!("adapter `{name}` not attached")))?
@@ -113,6 +108,7 @@ impl<'a> ModelCase<'a> {
                 .iter()
                 .map(|(m, _)| m.as_str())
                 .collect();
+            ours.sort();
             if ours != expected {
                 return Err(Error::config(format!(
                     "adapter `{name}` targets {ours:?}, PEFT wrapped {expected:?}"
@@ -186,11 +182,11 @@ impl<'a> ModelCase<'a> {
             .filter_map(|n| self.model.adapter(n))
             .flat_map(|a| a.targets.iter().map(|(m, _)| m.as_str()))
             .collect();
-        let input = ModelFiles::open(&self.checkpoint)?;
-        let output = ModelFiles::open(&out)?;
+        let input = Checkpoint::open(&self.checkpoint)?;
+        let output = Checkpoint::open(&out)?;
         same_layout(&input, &output)?;
         if let Some(peft_dir) = run["merged_checkpoint_dir"].as_str() {
-            same_layout(&ModelFiles::open(&self.dir.join(peft_dir))?, &output)?;
+            same_layout(&Checkpoint::open(self.dir.join(peft_dir))?, &output)?;
         }
         let mut failures = Vec::new();
         for module in self.model.module_names() {
@@ -206,17 +202,7 @@ impl<'a> ModelCase<'a> {
                 failures.push(format!("{module}: error {e_ours:.3e}, PEFT's {e_peft:.3e}"));
             }
             if !touched.contains(&module.as_str()) {
-                let (a, b) = (
-                    input.module_tensors(module)?,
-                    output.module_tensors(module)?,
-                );
-                let same = a.tensors.len() == b.tensors.len()
-                    && a.tensors.iter().all(|(k, t)| {
-                        b.tensors
-                            .get(k)
-                            .is_some_and(|u| u.bytes == t.bytes && u.dtype == t.dtype)
-                    });
-                if !same {
+                if module_tensors(&input, module)? != module_tensors(&output, module)? {
                     failures.push(format!("{module}: untouched but not byte-identical"));
                 }
                 // Untouched modules: y_merged is the base output.
@@ -233,8 +219,27 @@ impl<'a> ModelCase<'a> {
     }
 }
 
-/// The same files, and in each shard the same tensor names, dtypes and shapes.
-fn same_layout(input: &ModelFiles, output: &ModelFiles) -> Result<()> {
+/// A tensor's name, dtype, shape and bytes.
+type StoredTensor = (String, String, Vec<usize>, Vec<u8>);
+/// A shard's file name, its tensors' names, dtypes and shapes in file order, and its metadata.
+type ShardLayout = (String, Vec<(String, String, Vec<usize>)>, String);
+
+/// Every tensor of `module`.
+fn module_tensors(checkpoint: &Checkpoint, module: &str) -> Result<Vec<StoredTensor>> {
+    checkpoint
+        .module(module)?
+        .tensors
+        .iter()
+        .map(|name| {
+            let t = checkpoint.read_tensor(name)?;
+            Ok((t.name, format!("{:?}", t.dtype), t.shape, t.bytes))
+        })
+        .collect()
+}
+
+/// The same files, and in each shard the same tensor names, order, dtypes, shapes and header
+/// metadata.
+fn same_layout(input: &Checkpoint, output: &Checkpoint) -> Result<()> {
     let listing = |dir: &Path| -> Result<Vec<String>> {
         let mut names: Vec<String> = std::fs::read_dir(dir)
             .map_err(|source| Error::Io {
@@ -247,29 +252,41 @@ fn same_layout(input: &ModelFiles, output: &ModelFiles) -> Result<()> {
         names.sort();
         Ok(names)
     };
-    let (a, b) = (listing(&input.dir)?, listing(&output.dir)?);
+    let (a, b) = (listing(input.dir())?, listing(output.dir())?);
     if a != b {
         return Err(Error::config(format!(
             "merged folder holds {b:?}, the input {a:?}"
         )));
     }
-    for (s, t) in input.shards.iter().zip(&output.shards) {
-        let (names_s, names_t) = (s.names(), t.names());
-        let same = names_s == names_t
-            && names_s.iter().all(|n| {
-                let (i, j) = (s.info(n), t.info(n));
-                i.zip(j)
-                    .is_some_and(|(i, j)| i.dtype == j.dtype && i.shape == j.shape)
+    let layout = |c: &Checkpoint| -> Vec<ShardLayout> {
+        c.shards()
+            .iter()
+            .map(|s| {
+                let tensors = s
+                    .tensors()
+                    .iter()
+                    .map(|t| (t.name.clone(), format!("{:?}", t.dtype), t.shape.clone()))
+                    .collect();
+                (s.file_name(), tensors, format!("{:?}", s.metadata()))
             })
-            && s.header_metadata() == t.header_metadata();
-        if !same {
-            return Err(Error::config(format!(
-                "{}: tensor names, order, dtypes, shapes or metadata differ from the input",
-                t.file_name
-            )));
-        }
+            .collect()
+    };
+    if layout(input) != layout(output) {
+        return Err(Error::config(
+            "the merged shards' tensor names, order, dtypes, shapes or metadata differ from the input",
+        ));
     }
     Ok(())
+}
+
+/// A JSON list of names, sorted.
+fn sorted(list: &Value) -> Vec<&str> {
+    let mut names: Vec<&str> = list
+        .as_array()
+        .map(|m| m.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
 }
 
 fn str_field<'v>(v: &'v Value, key: &str) -> Result<&'v str> {

@@ -18,4 +18,3 @@ pub mod kernels;
 pub mod layer;
 pub mod merge;
 pub mod model;
-pub mod model_files;

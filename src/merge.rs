@@ -9,6 +9,7 @@
 //! output and renamed only once complete, so an interrupted merge leaves no output behind.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -19,11 +20,11 @@ use safetensors::tensor::View;
 use crate::adapters::Adapter;
 use crate::adapters::peft_config::ModuleSettings;
 use crate::adapters::peft_dir::PeftAdapterDir;
+use crate::checkpoint::{Checkpoint, Format, Shard};
 use crate::error::{Error, Result};
 use crate::formats::hqq::HqqWeight;
 use crate::formats::{QuantFormat, QuantWeight};
 use crate::layer::{Backend, QuantLinear};
-use crate::model_files::ModelFiles;
 
 /// The tensors of an HQQ module a merge rewrites.
 const REWRITTEN: [&str; 3] = ["W_q", "scale", "zero"];
@@ -83,11 +84,11 @@ pub fn merge_model(
             base.display()
         )));
     }
-    let files = ModelFiles::open(base)?;
-    check_mergeable(&files)?;
-    let adapters = resolve_adapters(&files, adapters)?;
-    let touched: Vec<String> = files
-        .modules
+    let checkpoint = Checkpoint::open(base)?;
+    check_mergeable(&checkpoint)?;
+    let adapters = resolve_adapters(&checkpoint, adapters)?;
+    let touched: Vec<String> = checkpoint
+        .modules()
         .iter()
         .filter(|m| {
             adapters
@@ -98,7 +99,7 @@ pub fn merge_model(
         .collect();
     progress(MergeEvent::Start {
         touched: touched.len(),
-        modules: files.modules.len(),
+        modules: checkpoint.modules().len(),
     });
 
     let parent = out
@@ -113,77 +114,41 @@ pub fn merge_model(
     let staging = tempfile::Builder::new()
         .prefix(&format!(".{out_name}.partial-"))
         .tempdir_in(parent)
-        .map_err(|source| Error::Io {
-            path: parent.display().to_string(),
-            source,
-        })?;
-    copy_other_files(&files, staging.path())?;
+        .map_err(io_error(parent))?;
+    let mut bytes = copy_other_files(&checkpoint, staging.path())?;
 
     let mut pending: HashMap<String, Rewritten> = HashMap::new();
-    let mut bytes = 0;
-    for shard in &files.shards {
-        let names = shard.names();
-        for name in &names {
-            let Some(module) = rewritten_module(name, &touched) else {
+    for shard in checkpoint.shards() {
+        for entry in shard.tensors() {
+            let Some(module) = rewritten_module(&entry.name, &touched) else {
                 continue;
             };
             if !pending.contains_key(module) {
-                let merged = merge_module(&files, module, &adapters, backend)?;
-                pending.insert(module.to_string(), Rewritten::new(&files, module, &merged)?);
+                let merged = merge_module(&checkpoint, module, &adapters, backend)?;
+                let rewritten = Rewritten::new(&checkpoint, module, &merged)?;
+                pending.insert(module.to_string(), rewritten);
                 progress(MergeEvent::Merged {
                     module: module.to_string(),
                 });
             }
         }
-        let mut views = Vec::with_capacity(names.len());
-        for name in &names {
-            let missing = || Error::MissingTensor {
-                name: name.clone(),
-                file: shard.path.display().to_string(),
-            };
-            let info = shard.info(name).ok_or_else(missing)?;
-            let data: &[u8] = match rewritten_module(name, &touched) {
-                Some(module) => pending
-                    .get(module)
-                    .and_then(|r| r.tensors.get(name))
-                    .ok_or_else(missing)?,
-                None => shard.data(name).ok_or_else(missing)?,
-            };
-            let raw = Raw {
-                dtype: info.dtype,
-                shape: &info.shape,
-                data,
-            };
-            views.push((name.clone(), raw));
-        }
-        let target = staging.path().join(&shard.file_name);
-        safetensors::serialize_to_file(views, shard.header_metadata().clone(), &target).map_err(
-            |e| Error::Safetensors {
-                file: target.display().to_string(),
-                reason: e.to_string(),
-            },
-        )?;
+        let target = staging.path().join(shard.file_name());
+        write_shard(shard, &pending, &touched, &target)?;
         let written = file_size(&target)?;
         bytes += written;
         progress(MergeEvent::Written {
-            file: shard.file_name.clone(),
+            file: shard.file_name(),
             bytes: written,
         });
         // A module straddling shards stays until its last rewritten tensor is written.
-        for name in &names {
-            if let Some(module) = rewritten_module(name, &touched) {
+        for entry in shard.tensors() {
+            if let Some(module) = rewritten_module(&entry.name, &touched) {
                 if let Some(r) = pending.get_mut(module) {
                     r.unwritten -= 1;
                 }
             }
         }
         pending.retain(|_, r| r.unwritten > 0);
-    }
-    for entry in std::fs::read_dir(staging.path()).map_err(io_error(staging.path()))? {
-        let path = entry.map_err(io_error(staging.path()))?.path();
-        if !files.shards.iter().any(|s| path.ends_with(&s.file_name)) {
-            bytes += file_size(&path)?;
-        }
     }
     let kept = staging.keep();
     std::fs::rename(&kept, out).map_err(|source| {
@@ -195,58 +160,96 @@ pub fn merge_model(
     })?;
     Ok(MergeSummary {
         out: out.to_path_buf(),
-        modules: files.modules.len(),
+        modules: checkpoint.modules().len(),
         merged: touched.len(),
-        files: files.shards.len(),
+        files: checkpoint.shards().len(),
         bytes,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
 
+/// Writes `shard` to `target` with the same tensors, order and header metadata: the rewritten
+/// tensors from `pending`, every other one read from the input as it is written.
+fn write_shard(
+    shard: &Shard,
+    pending: &HashMap<String, Rewritten>,
+    touched: &[String],
+    target: &Path,
+) -> Result<()> {
+    let read_error = RefCell::new(None);
+    let mut views = Vec::with_capacity(shard.tensors().len());
+    for entry in shard.tensors() {
+        let data = match rewritten_module(&entry.name, touched) {
+            Some(module) => Source::Merged(
+                pending
+                    .get(module)
+                    .and_then(|r| r.tensors.get(&entry.name))
+                    .ok_or_else(|| Error::MissingTensor {
+                        name: entry.name.clone(),
+                        file: target.display().to_string(),
+                    })?,
+            ),
+            None => Source::Input {
+                shard,
+                error: &read_error,
+            },
+        };
+        let view = Tensor {
+            name: &entry.name,
+            dtype: entry.dtype,
+            shape: &entry.shape,
+            len: entry.len() as usize,
+            data,
+        };
+        views.push((entry.name.clone(), view));
+    }
+    let metadata: HashMap<String, String> = shard
+        .metadata()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let metadata = (!metadata.is_empty()).then_some(metadata);
+    let written = safetensors::serialize_to_file(views, metadata, target);
+    if let Some(e) = read_error.into_inner() {
+        return Err(e);
+    }
+    written.map_err(|e| Error::Safetensors {
+        file: target.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
 /// Only HQQ can be re-quantized after a merge.
-fn check_mergeable(files: &ModelFiles) -> Result<()> {
-    let method = files.quant_method();
+fn check_mergeable(checkpoint: &Checkpoint) -> Result<()> {
     let forward_only = |name: &str| {
         Error::Merge(format!(
             "{}: a {name} base cannot take a merge: {name} is forward-only here (its weights \
              cannot be re-quantized after adding the adapter's change, and PEFT refuses the same \
              merge); run the adapters unmerged (`quantadapt run`) instead",
-            files.dir.display()
+            checkpoint.dir().display()
         ))
     };
-    match method {
-        Some("gptq") => return Err(forward_only("GPTQ")),
-        Some("eetq") => return Err(forward_only("EETQ")),
-        Some("hqq") | None => {}
-        Some(other) => {
-            return Err(Error::Merge(format!(
-                "{}: quant_method `{other}` is not supported (HQQ bases can be merged)",
-                files.dir.display()
-            )));
-        }
+    match checkpoint
+        .modules()
+        .iter()
+        .find(|m| m.format != Format::Hqq)
+    {
+        Some(m) => Err(forward_only(&m.format.name().to_uppercase())),
+        None => Ok(()),
     }
-    if let Some(m) = files.modules.iter().find(|m| m.format != "hqq") {
-        return Err(forward_only(&m.format.to_uppercase()));
-    }
-    if files.modules.is_empty() {
-        return Err(Error::Merge(format!(
-            "{}: no HQQ module found",
-            files.dir.display()
-        )));
-    }
-    Ok(())
 }
 
 /// Reads every adapter folder and resolves it against the base's modules; the same folder
 /// given twice is refused.
-fn resolve_adapters(files: &ModelFiles, dirs: &[PathBuf]) -> Result<Vec<MergeAdapter>> {
+fn resolve_adapters(checkpoint: &Checkpoint, dirs: &[PathBuf]) -> Result<Vec<MergeAdapter>> {
     if dirs.is_empty() {
         return Err(Error::config("no --adapter given: nothing to merge"));
     }
-    let mut modules = Vec::new();
-    for m in &files.modules {
-        modules.push((m.name.as_str(), module_in_features(files, &m.name)?));
-    }
+    let modules: Vec<(&str, usize)> = checkpoint
+        .modules()
+        .iter()
+        .map(|m| (m.name.as_str(), m.in_features))
+        .collect();
     let mut seen: Vec<PathBuf> = Vec::new();
     let mut adapters = Vec::new();
     for (i, dir) in dirs.iter().enumerate() {
@@ -272,39 +275,21 @@ fn resolve_adapters(files: &ModelFiles, dirs: &[PathBuf]) -> Result<Vec<MergeAda
     Ok(adapters)
 }
 
-fn module_in_features(files: &ModelFiles, module: &str) -> Result<usize> {
-    let tensors = files.module_tensors(module)?;
-    let shape = tensors.get(&format!("{module}.shape"))?.to_i64()?;
-    match shape[..] {
-        [_, inp] if inp > 0 => Ok(inp as usize),
-        _ => Err(Error::shape(
-            &format!("{module}.shape"),
-            "[out, in]",
-            &[shape.len()],
-        )),
-    }
-}
-
 /// Loads `module`, attaches the adapters that target it and merges them.
 fn merge_module(
-    files: &ModelFiles,
+    checkpoint: &Checkpoint,
     module: &str,
     adapters: &[MergeAdapter],
     backend: &Backend,
 ) -> Result<HqqWeight> {
-    let base = files.load_module(module)?;
+    let base = checkpoint.load_module(module)?;
     let (inp, out) = (base.in_features(), base.out_features());
     let mut layer = QuantLinear::new(base, backend.clone())?;
     let mut names = Vec::new();
     for a in adapters {
         if a.targets.iter().any(|(t, _)| t == module) {
-            layer.add_adapter(Adapter::from_peft(
-                &a.name,
-                &a.peft,
-                Some(module),
-                inp,
-                out,
-            )?)?;
+            let adapter = Adapter::from_peft(&a.name, &a.peft, Some(module), inp, out)?;
+            layer.add_adapter(adapter)?;
             names.push(a.name.as_str());
         }
     }
@@ -335,22 +320,26 @@ struct Rewritten {
 }
 
 impl Rewritten {
-    fn new(files: &ModelFiles, module: &str, merged: &HqqWeight) -> Result<Self> {
-        let original = files.module_tensors(module)?;
+    fn new(checkpoint: &Checkpoint, module: &str, merged: &HqqWeight) -> Result<Self> {
         let mut tensors = HashMap::new();
         for leaf in REWRITTEN {
             let name = format!("{module}.{leaf}");
-            let stored = original.get(&name)?;
+            let (_, stored) = checkpoint
+                .locate(&name)
+                .ok_or_else(|| Error::MissingTensor {
+                    name: name.clone(),
+                    file: checkpoint.path().display().to_string(),
+                })?;
             let bytes = match leaf {
                 "W_q" => merged.packed.clone(),
                 "scale" => encode_floats(&name, stored.dtype, &merged.scale)?,
                 _ => encode_floats(&name, stored.dtype, &merged.zero)?,
             };
-            if bytes.len() != stored.bytes.len() {
+            if bytes.len() as u64 != stored.len() {
                 return Err(Error::Merge(format!(
                     "`{name}`: the merged tensor has {} bytes, the input {}",
                     bytes.len(),
-                    stored.bytes.len()
+                    stored.len()
                 )));
             }
             tensors.insert(name, bytes);
@@ -383,14 +372,27 @@ fn encode_floats(name: &str, dtype: Dtype, values: &[f32]) -> Result<Vec<u8>> {
     })
 }
 
-/// A tensor to write, borrowed from the input or from a merged module.
-struct Raw<'a> {
-    dtype: Dtype,
-    shape: &'a [usize],
-    data: &'a [u8],
+/// Where a written tensor's bytes come from.
+enum Source<'a> {
+    Merged(&'a [u8]),
+    /// Read from the input when written (one tensor in memory at a time); a read error is kept
+    /// in `error` and fails the write.
+    Input {
+        shard: &'a Shard,
+        error: &'a RefCell<Option<Error>>,
+    },
 }
 
-impl View for Raw<'_> {
+/// One tensor to write.
+struct Tensor<'a> {
+    name: &'a str,
+    dtype: Dtype,
+    shape: &'a [usize],
+    len: usize,
+    data: Source<'a>,
+}
+
+impl View for Tensor<'_> {
     fn dtype(&self) -> Dtype {
         self.dtype
     }
@@ -400,26 +402,39 @@ impl View for Raw<'_> {
     }
 
     fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(self.data)
+        match &self.data {
+            Source::Merged(bytes) => Cow::Borrowed(bytes),
+            Source::Input { shard, error } => match shard.read_bytes(self.name) {
+                Ok(bytes) => Cow::Owned(bytes),
+                Err(e) => {
+                    error.borrow_mut().get_or_insert(e);
+                    // Keeps the file's layout; the write is failed afterwards.
+                    Cow::Owned(vec![0; self.len])
+                }
+            },
+        }
     }
 
     fn data_len(&self) -> usize {
-        self.data.len()
+        self.len
     }
 }
 
-/// Copies every file of the input folder that is not a shard (config.json, the index, ...).
-fn copy_other_files(files: &ModelFiles, to: &Path) -> Result<()> {
-    for entry in std::fs::read_dir(&files.dir).map_err(io_error(&files.dir))? {
-        let entry = entry.map_err(io_error(&files.dir))?;
+/// Copies every file of the input folder that is not a shard (config.json, the index, ...);
+/// returns the bytes copied.
+fn copy_other_files(checkpoint: &Checkpoint, to: &Path) -> Result<u64> {
+    let dir = checkpoint.dir();
+    let mut bytes = 0;
+    for entry in std::fs::read_dir(dir).map_err(io_error(dir))? {
+        let entry = entry.map_err(io_error(dir))?;
         let path = entry.path();
-        let is_shard = files.shards.iter().any(|s| s.path == path);
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_shard = checkpoint.shards().iter().any(|s| s.file_name() == name);
         if path.is_file() && !is_shard {
-            let target = to.join(entry.file_name());
-            std::fs::copy(&path, &target).map_err(io_error(&path))?;
+            bytes += std::fs::copy(&path, to.join(&name)).map_err(io_error(&path))?;
         }
     }
-    Ok(())
+    Ok(bytes)
 }
 
 fn file_size(path: &Path) -> Result<u64> {

@@ -14,14 +14,14 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::adapters::peft_config::{ModuleSettings, module_name};
+use crate::adapters::peft_config::ModuleSettings;
 use crate::adapters::peft_dir::PeftAdapterDir;
 use crate::adapters::{Adapter, peft_dir::adapter_error};
+use crate::checkpoint::{Checkpoint, canonical_module_name as module_name};
 use crate::error::{Error, Result};
 use crate::formats::{QuantFormat, QuantWeight};
 use crate::io::HostTensor;
 use crate::layer::{Backend, Fusion, QuantLinear};
-use crate::model_files::ModelFiles;
 use crate::tensor::Matrix;
 
 /// Activations of any leading shape `[..., features]`, f32.
@@ -112,24 +112,18 @@ pub struct Model {
 
 impl Model {
     /// Loads every quantized module of a model folder, a safetensors file or an index onto
-    /// `backend`.
+    /// `backend`, in the checkpoint's order (see [`Checkpoint::modules`]).
     pub fn open(path: &Path, backend: Backend) -> Result<Self> {
-        let files = ModelFiles::open(path)?;
-        let modules = files
-            .modules
+        let checkpoint = Checkpoint::open(path)?;
+        let modules = checkpoint
+            .modules()
             .iter()
-            .map(|m| Ok((m.name.clone(), files.load_module(&m.name)?)))
+            .map(|m| Ok((m.name.clone(), checkpoint.load_module(&m.name)?)))
             .collect::<Result<Vec<_>>>()?;
-        if modules.is_empty() {
-            return Err(Error::config(format!(
-                "{}: no quantized module (HQQ, GPTQ or EETQ) found",
-                path.display()
-            )));
-        }
         Self::from_modules(modules, backend)
     }
 
-    /// A model from named base weights, in model order.
+    /// A model from named base weights, in the order given.
     pub fn from_modules(modules: Vec<(String, QuantWeight)>, backend: Backend) -> Result<Self> {
         let mut model = Self {
             names: Vec::new(),
@@ -155,7 +149,7 @@ impl Model {
         Ok(model)
     }
 
-    /// Module names in model order.
+    /// Module names, in the order the model was built with.
     pub fn module_names(&self) -> &[String] {
         &self.names
     }

@@ -11,17 +11,11 @@ use serde_json::Value;
 
 use crate::adapters::lora::LoraConfig;
 use crate::adapters::oft::{OftConfig, Parameterization};
+use crate::checkpoint::canonical_module_name as module_name;
 use crate::error::{Error, Result};
 
 /// The prefix PEFT puts before module names in adapter tensor keys.
 pub const KEY_PREFIX: &str = "base_model.model.";
-
-/// A module name as PEFT or a checkpoint writes it, in the model's own spelling: without
-/// `base_model.model.` and without a trailing dot.
-pub fn module_name(name: &str) -> &str {
-    let name = name.strip_prefix(KEY_PREFIX).unwrap_or(name);
-    name.trim_end_matches('.')
-}
 
 /// `target_modules` or `exclude_modules`: a list of names matched as the whole name or its
 /// `.name` ending, or one regex the whole name must match.
@@ -342,7 +336,7 @@ impl PeftConfig {
         })
     }
 
-    /// Whether PEFT wraps `module` (any spelling: see [`module_name`]) with this adapter. Without
+    /// Whether PEFT wraps `module` (any spelling the checkpoint takes: `base_model.model.` prefix, trailing dot) with this adapter. Without
     /// `target_modules` every module not excluded qualifies (the adapter's tensors decide).
     pub fn targets(&self, module: &str) -> bool {
         let module = module_name(module);
@@ -527,14 +521,5 @@ mod tests {
             let err = PeftConfig::from_json(&cfg).unwrap_err().to_string();
             assert!(err.contains(key), "{key}: {err}");
         }
-    }
-
-    #[test]
-    fn module_names_are_normalized() {
-        assert_eq!(
-            module_name("base_model.model.model.layers.0.q."),
-            "model.layers.0.q"
-        );
-        assert_eq!(module_name("model.layers.0.q"), "model.layers.0.q");
     }
 }

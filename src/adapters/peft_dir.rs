@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::adapters::peft_config::{ModuleSettings, PeftConfig, module_name};
+use crate::adapters::peft_config::{ModuleSettings, PeftConfig};
+use crate::checkpoint::canonical_module_name as module_name;
 use crate::error::{Error, Result};
 use crate::io::{HostTensor, TensorFile};
 
