@@ -59,10 +59,22 @@ impl Activations {
 
     /// The product of the leading dimensions.
     pub fn rows(&self) -> usize {
-        self.shape[..self.shape.len() - 1].iter().product()
+        self.shape
+            .split_last()
+            .map_or(0, |(_, leading)| leading.iter().product())
     }
 
     fn matrix(&self, in_features: usize, name: &str) -> Result<Matrix> {
+        if self.shape.is_empty() || self.shape.iter().product::<usize>() != self.data.len() {
+            return Err(Error::shape(
+                name,
+                format!(
+                    "{} values in a shape of at least one dimension",
+                    self.data.len()
+                ),
+                &self.shape,
+            ));
+        }
         if self.features() != in_features {
             return Err(Error::shape(
                 name,
@@ -73,9 +85,12 @@ impl Activations {
         Matrix::new(self.rows(), in_features, self.data.clone())
     }
 
+    /// `y` with this input's leading dimensions (the shape was checked by [`Self::matrix`]).
     fn with_features(&self, y: Matrix) -> Self {
         let mut shape = self.shape.clone();
-        *shape.last_mut().expect("at least one dimension") = y.cols;
+        if let Some(last) = shape.last_mut() {
+            *last = y.cols;
+        }
         Self {
             shape,
             data: y.data,
@@ -264,7 +279,7 @@ impl Model {
             peft_type: peft.peft_type().to_string(),
             targets,
         });
-        Ok(self.adapters.last().expect("just pushed"))
+        Ok(&self.adapters[self.adapters.len() - 1])
     }
 
     /// Detaches an adapter from every module; a merged one must be unmerged first.
