@@ -77,6 +77,10 @@ pub fn run(dir: &Path, backends: &[Backend], gpu: Option<&GpuContext>) -> Result
     for case in &cases {
         let name = case["name"].as_str().unwrap_or("<unnamed>").to_string();
         for &backend in backends {
+            if case["kind"] == "model" {
+                outcomes.extend(model_outcomes(&dir.join(&name), case, backend, gpu));
+                continue;
+            }
             let result = catch_unwind(AssertUnwindSafe(|| run_case(dir, case, backend, gpu)))
                 .unwrap_or_else(|_| Err(Error::config("the check panicked")))
                 .map_err(|e| e.to_string());
@@ -88,6 +92,36 @@ pub fn run(dir: &Path, backends: &[Backend], gpu: Option<&GpuContext>) -> Result
         }
     }
     Ok(outcomes)
+}
+
+/// A model case: one outcome per run, named `<case>/<run>`.
+fn model_outcomes(
+    case_dir: &Path,
+    spec: &Value,
+    backend: Backend,
+    gpu: Option<&GpuContext>,
+) -> Vec<Outcome> {
+    let name = spec["name"].as_str().unwrap_or("<unnamed>");
+    let outcome = |case: String, result: Result<()>| Outcome {
+        case,
+        backend,
+        result: result.map_err(|e| e.to_string()),
+    };
+    let ctx = match (backend, gpu) {
+        (Backend::Cpu, _) => None,
+        (Backend::Gpu, Some(ctx)) => Some(ctx),
+        (Backend::Gpu, None) => {
+            let missing = Error::NoGpu("no GPU adapter for this run".into());
+            return vec![outcome(name.to_string(), Err(missing))];
+        }
+    };
+    catch_unwind(AssertUnwindSafe(|| {
+        crate::golden_model::run_case(case_dir, spec, ctx)
+    }))
+    .unwrap_or_else(|_| vec![(name.to_string(), Err(Error::config("the check panicked")))])
+    .into_iter()
+    .map(|(run, result)| outcome(run, result))
+    .collect()
 }
 
 struct Case<'a> {

@@ -1,10 +1,12 @@
 //! Safetensors in and out. Every accessor checks dtype and shape and names the tensor on error;
-//! the header is validated by the `safetensors` crate before anything is allocated from it.
+//! the header is validated ([`header::Header`]) before anything is allocated from it.
+
+pub mod header;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 
 use crate::error::{Error, Result};
 use crate::tensor::Matrix;
@@ -40,20 +42,19 @@ impl TensorFile {
     }
 
     pub fn from_bytes(bytes: &[u8], label: &str) -> Result<Self> {
-        let st = SafeTensors::deserialize(bytes).map_err(|e| Error::Safetensors {
-            file: label.to_string(),
-            reason: e.to_string(),
-        })?;
-        let tensors = st
-            .iter()
-            .map(|(name, view)| {
+        let header = header::Header::from_bytes(bytes, label)?;
+        let tensors = header
+            .tensors
+            .into_iter()
+            .map(|entry| {
+                let data = &bytes[entry.range.start as usize..entry.range.end as usize];
                 let t = HostTensor {
-                    name: name.to_string(),
-                    dtype: view.dtype(),
-                    shape: view.shape().to_vec(),
-                    bytes: view.data().to_vec(),
+                    name: entry.name.clone(),
+                    dtype: entry.dtype,
+                    shape: entry.shape,
+                    bytes: data.to_vec(),
                 };
-                (name.to_string(), t)
+                (entry.name, t)
             })
             .collect();
         Ok(Self {

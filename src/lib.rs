@@ -51,14 +51,19 @@
 pub mod adapters;
 #[cfg(feature = "bench")]
 pub mod bench;
+pub mod checkpoint;
 pub mod error;
 pub mod formats;
 #[cfg(feature = "golden")]
 pub mod golden;
+#[cfg(feature = "golden")]
+pub mod golden_model;
 pub mod gpu;
 pub mod io;
 pub mod kernels;
 pub mod layer;
+pub mod merge;
+pub mod model;
 pub mod tensor;
 
 pub use error::{Error, Result};

@@ -562,21 +562,28 @@ fn rsloras_scaling_and_patterns() {
     assert_eq!(lora_scaling(16.0, 8, false), 2.0);
     assert_eq!(lora_scaling(8.0, 4, true), 4.0);
 
+    // Keys are regexes, matched as `(.*\.)?(KEY)$`; the first matching key in file order wins.
     let regex = json!({"peft_type": "LORA", "r": 8, "rank_pattern": {"layers\\.[0-3]\\.q": 4}});
-    assert!(
-        LoraConfig::from_json(&regex)
-            .unwrap()
-            .rank_and_scaling("layers.0.q")
-            .is_err()
-    );
-    let ambiguous =
-        json!({"peft_type": "LORA", "r": 8, "rank_pattern": {"q_proj": 4, "attn.q_proj": 2}});
-    assert!(
-        LoraConfig::from_json(&ambiguous)
-            .unwrap()
-            .rank_and_scaling("attn.q_proj")
-            .is_err()
-    );
+    let cfg = LoraConfig::from_json(&regex).unwrap();
+    assert_eq!(cfg.rank_and_scaling("model.layers.0.q").unwrap(), (4, 2.0));
+    assert_eq!(cfg.rank_and_scaling("model.layers.4.q").unwrap(), (8, 1.0));
+    for (text, rank) in [
+        (
+            r#"{"peft_type": "LORA", "r": 8, "rank_pattern": {"q_proj": 4, "attn.q_proj": 2}}"#,
+            4,
+        ),
+        (
+            r#"{"peft_type": "LORA", "r": 8, "rank_pattern": {"attn.q_proj": 2, "q_proj": 4}}"#,
+            2,
+        ),
+    ] {
+        let cfg = LoraConfig::from_json(&serde_json::from_str(text).unwrap()).unwrap();
+        assert_eq!(
+            cfg.rank_and_scaling("attn.q_proj").unwrap().0,
+            rank,
+            "{text}"
+        );
+    }
 }
 
 /// `y = b + (m/n) ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ)`, with `n` the row norms of `W + s·B·A`, all in f64.
@@ -718,7 +725,11 @@ fn load_oft(
     in_f: usize,
 ) -> quantadapt::Result<OftAdapter> {
     let scratch = ScratchDir::new(label, config, tensors);
-    let dir = PeftAdapterDir::open(&scratch.0)?;
+    // A config error surfaces when the folder is read, before the adapter has a name.
+    let dir = PeftAdapterDir::open(&scratch.0).map_err(|e| Error::Adapter {
+        adapter: label.to_string(),
+        reason: e.to_string(),
+    })?;
     OftAdapter::from_peft_dir(label, &dir, None, in_f)
 }
 
@@ -970,7 +981,11 @@ fn load_lora(
     tensors: &[HostTensor],
 ) -> quantadapt::Result<LoraAdapter> {
     let scratch = ScratchDir::new(label, config, tensors);
-    let dir = PeftAdapterDir::open(&scratch.0)?;
+    // A config error surfaces when the folder is read, before the adapter has a name.
+    let dir = PeftAdapterDir::open(&scratch.0).map_err(|e| Error::Adapter {
+        adapter: label.to_string(),
+        reason: e.to_string(),
+    })?;
     LoraAdapter::from_peft_dir(label, &dir, None, 16, 12)
 }
 

@@ -4,7 +4,7 @@ mod common;
 
 use std::process::Command;
 
-use common::golden_dir;
+use common::{golden_dir, golden_model_dir};
 use quantadapt::io::TensorFile;
 use quantadapt::tensor::max_rel_error;
 
@@ -166,4 +166,208 @@ fn bench_takes_its_shapes_and_rows_from_the_command_line() {
     }
     let (code, _) = quantadapt(&["bench", "--rows", "0"]);
     assert_ne!(code, 0);
+}
+
+/// A fresh, empty folder for one test.
+fn scratch_dir(label: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("quantadapt-cli-{label}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn arg(path: &std::path::Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn run_all_modules_writes_one_y_per_module() {
+    let root = golden_model_dir();
+    let case = root.join("llama_hqq3_g64_sharded");
+    let run = TensorFile::open(case.join("runs/lora+rslora.safetensors")).unwrap();
+    let dir = scratch_dir("all-modules");
+    let mut input = TensorFile::default();
+    for (name, t) in &run.tensors {
+        if name.ends_with(".x") {
+            input.insert(t.clone());
+        }
+    }
+    assert_eq!(input.tensors.len(), 14);
+    input.save(dir.join("x.safetensors")).unwrap();
+    let (code, text) = quantadapt(&[
+        "run",
+        "--all-modules",
+        "--base",
+        arg(&case.join("checkpoint")),
+        "--adapter",
+        arg(&root.join("adapters/lora")),
+        "--adapter",
+        arg(&root.join("adapters/rslora")),
+        "--input",
+        arg(&dir.join("x.safetensors")),
+        "--output",
+        arg(&dir.join("y.safetensors")),
+        "--backend",
+        "cpu",
+    ]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("14 outputs"), "{text}");
+    let ours = TensorFile::open(dir.join("y.safetensors")).unwrap();
+    assert_eq!(ours.tensors.len(), 14);
+    for (name, y) in &ours.tensors {
+        let reference = run.get(name).unwrap();
+        assert_eq!(y.shape, reference.shape, "{name}");
+        let err = max_rel_error(&y.to_f32().unwrap(), &reference.to_f32().unwrap());
+        assert!(err < 1e-5, "{name}: {err}");
+    }
+    // An input tensor that names no module is refused, naming it.
+    let mut stray = input.clone();
+    stray.insert(quantadapt::io::HostTensor::from_f32(
+        "model.layers.7.q.x",
+        &[1],
+        &[1.0],
+    ));
+    stray.save(dir.join("stray.safetensors")).unwrap();
+    let (code, text) = quantadapt(&[
+        "run",
+        "--all-modules",
+        "--base",
+        arg(&case.join("checkpoint")),
+        "--input",
+        arg(&dir.join("stray.safetensors")),
+        "--output",
+        arg(&dir.join("y2.safetensors")),
+        "--backend",
+        "cpu",
+    ]);
+    assert_ne!(code, 0);
+    assert!(text.contains("model.layers.7.q.x"), "{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn merge_writes_the_input_layout_and_refuses_what_it_cannot_merge() {
+    let root = golden_model_dir();
+    let base = root.join("llama_hqq4_g64/checkpoint");
+    let dir = scratch_dir("merge");
+    let out = dir.join("merged");
+    let merge = |base: &std::path::Path, adapters: &[&str], out: &std::path::Path| {
+        let mut args = vec![
+            "merge",
+            "--base",
+            arg(base),
+            "--out",
+            arg(out),
+            "--backend",
+            "cpu",
+        ];
+        for a in adapters {
+            args.extend(["--adapter", a]);
+        }
+        quantadapt(&args)
+    };
+    let lora = root.join("adapters/lora");
+    let (code, text) = merge(&base, &[arg(&lora)], &out);
+    assert_eq!(code, 0, "{text}");
+    let last = text
+        .lines()
+        .find(|l| l.starts_with("merged 7 of 14 modules into"))
+        .unwrap_or_else(|| panic!("no final line: {text}"));
+    assert!(
+        last.contains(" s:") && last.contains("bytes written"),
+        "{text}"
+    );
+    let listing = |d: &std::path::Path| {
+        let mut names: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(listing(&out), listing(&base));
+    assert_eq!(
+        std::fs::read(out.join("config.json")).unwrap(),
+        std::fs::read(base.join("config.json")).unwrap()
+    );
+    // Nothing is left beside the output.
+    assert_eq!(listing(&dir), ["merged"]);
+
+    // An existing output is never overwritten.
+    let (code, text) = merge(&base, &[arg(&lora)], &out);
+    assert_ne!(code, 0);
+    assert!(text.contains("exists"), "{text}");
+    // The same adapter twice.
+    let (code, text) = merge(&base, &[arg(&lora), arg(&lora)], &dir.join("twice"));
+    assert_ne!(code, 0);
+    assert!(text.contains("twice"), "{text}");
+    // A GPTQ base: refused with the reason.
+    let gptq = golden_dir().join("oft_gptq4_actorder_o96_i128");
+    let (code, text) = merge(
+        &gptq.join("checkpoint"),
+        &[arg(&gptq.join("adapter"))],
+        &dir.join("gptq"),
+    );
+    assert_ne!(code, 0);
+    assert!(
+        text.contains("GPTQ") && text.contains("forward-only"),
+        "{text}"
+    );
+    assert_eq!(listing(&dir), ["merged"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A merge killed mid-way (right after its start, and after it reported a merged module) leaves
+/// no output folder.
+#[test]
+fn an_interrupted_merge_leaves_no_output() {
+    use std::io::BufRead;
+    let root = golden_model_dir();
+    let dir = scratch_dir("killed");
+    let out = dir.join("merged");
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_quantadapt"))
+            .args([
+                "merge",
+                "--base",
+                arg(&root.join("llama_hqq3_g64_sharded/checkpoint")),
+                "--adapter",
+                arg(&root.join("adapters/oft")),
+                "--adapter",
+                arg(&root.join("adapters/lora_regex")),
+                "--out",
+                arg(&out),
+                "--backend",
+                "cpu",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = spawn();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!out.exists());
+
+    let mut child = spawn();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        let done = line.starts_with("merged model.");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(
+        seen.last().is_some_and(|l| l.contains("(1/14)")),
+        "the merge reported no module: {seen:?}"
+    );
+    assert!(!status.success(), "the merge finished before it was killed");
+    assert!(!out.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{golden_dir, gpu};
+use common::{golden_dir, golden_model_dir, gpu};
 use quantadapt::golden::{self, Backend};
 
 #[test]
@@ -22,4 +22,33 @@ fn every_golden_case_passes_on_cpu_and_gpu() {
         })
         .collect();
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The whole-model cases (tests/data/golden-model) on one backend: one outcome per run, merges
+/// included, every one passing.
+fn model_runs_pass(backend: Backend) {
+    let gpu = (backend == Backend::Gpu).then(gpu);
+    let outcomes = golden::run(&golden_model_dir(), &[backend], gpu).unwrap();
+    // Two models: a `targets` check and every run of each (10 and 8 runs).
+    assert_eq!(outcomes.len(), 20, "{outcomes:?}");
+    assert!(
+        outcomes
+            .iter()
+            .any(|o| o.case == "llama_hqq4_g64/merge_oft")
+    );
+    let failures: Vec<String> = outcomes
+        .iter()
+        .filter_map(|o| o.result.as_ref().err().map(|r| format!("{}: {r}", o.case)))
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn every_model_run_passes_on_cpu() {
+    model_runs_pass(Backend::Cpu);
+}
+
+#[test]
+fn every_model_run_passes_on_gpu() {
+    model_runs_pass(Backend::Gpu);
 }

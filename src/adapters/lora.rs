@@ -5,11 +5,10 @@
 //! stored magnitude and `n` the row norm of `W + s·B·A` (W = the dequantized base weight); the
 //! base bias is left out of the rescale.
 
-use std::collections::BTreeMap;
-
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::adapters::peft_config::Patterns;
 use crate::adapters::peft_dir::{PeftAdapterDir, adapter_error, in_adapter, is_set};
 use crate::error::{Error, Result, check_finite};
 use crate::io::HostTensor;
@@ -37,16 +36,8 @@ const UNSUPPORTED_VARIANTS: [&str; 13] = [
     "target_parameters",
 ];
 
-/// `target_modules` as saved: a list of names, or one regex matched against the full path.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
-#[serde(untagged)]
-pub enum TargetModules {
-    Names(Vec<String>),
-    Pattern(String),
-}
-
 /// The fields of a LoRA `adapter_config.json` that matter for inference.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct LoraConfig {
     pub r: usize,
     pub lora_alpha: f64,
@@ -57,9 +48,8 @@ pub struct LoraConfig {
     pub fan_in_fan_out: bool,
     /// Always `false` here: a `true` config is refused.
     pub lora_bias: bool,
-    pub rank_pattern: BTreeMap<String, usize>,
-    pub alpha_pattern: BTreeMap<String, f64>,
-    pub target_modules: Option<TargetModules>,
+    pub rank_pattern: Patterns<usize>,
+    pub alpha_pattern: Patterns<f64>,
 }
 
 #[derive(Deserialize)]
@@ -78,12 +68,6 @@ struct RawLoraConfig {
     lora_bias: bool,
     #[serde(default)]
     bias: Option<String>,
-    #[serde(default)]
-    rank_pattern: Option<BTreeMap<String, usize>>,
-    #[serde(default)]
-    alpha_pattern: Option<BTreeMap<String, f64>>,
-    #[serde(default)]
-    target_modules: Option<TargetModules>,
 }
 
 fn default_r() -> usize {
@@ -119,8 +103,11 @@ impl LoraConfig {
                 "LoRA with bias = \"{bias}\" trains base-layer biases, which an adapter cannot carry"
             )));
         }
-        let rank_pattern = raw.rank_pattern.unwrap_or_default();
-        let alpha_pattern = raw.alpha_pattern.unwrap_or_default();
+        let rank_pattern = Patterns::parse("rank_pattern", config.get("rank_pattern"), |v| {
+            v.as_u64().map(|r| r as usize)
+        })?;
+        let alpha_pattern =
+            Patterns::parse("alpha_pattern", config.get("alpha_pattern"), Value::as_f64)?;
         if raw.r == 0 || rank_pattern.values().any(|r| *r == 0) {
             return Err(Error::config("LoRA rank r must be positive"));
         }
@@ -136,19 +123,25 @@ impl LoraConfig {
             lora_bias: raw.lora_bias,
             rank_pattern,
             alpha_pattern,
-            target_modules: raw.target_modules,
         })
     }
 
-    /// `(r, scaling)` for the module at `module_path`, with `rank_pattern` / `alpha_pattern`
-    /// applied: a key matches when it equals the path or the path ends with `.key`. PEFT reads
-    /// the keys as regexes; keys with regex syntax other than `.` are refused rather than
-    /// guessed, and several matching keys with different values are refused as ambiguous.
+    /// `(r, scaling)` for the module at `module_path` (see [`Self::rank_alpha_scaling`]).
     pub fn rank_and_scaling(&self, module_path: &str) -> Result<(usize, f32)> {
-        let r = pattern_value(&self.rank_pattern, module_path, "rank_pattern")?.unwrap_or(self.r);
-        let alpha = pattern_value(&self.alpha_pattern, module_path, "alpha_pattern")?
+        let (r, _, scaling) = self.rank_alpha_scaling(module_path);
+        Ok((r, scaling))
+    }
+
+    /// `(r, alpha, scaling)` for the module at `module_path`, with `rank_pattern` and
+    /// `alpha_pattern` applied as PEFT does: the first key in file order whose
+    /// `(.*\.)?(KEY)$` matches the whole path.
+    pub fn rank_alpha_scaling(&self, module_path: &str) -> (usize, f64, f32) {
+        let r = self.rank_pattern.get(module_path).unwrap_or(self.r);
+        let alpha = self
+            .alpha_pattern
+            .get(module_path)
             .unwrap_or(self.lora_alpha);
-        Ok((r, lora_scaling(alpha, r, self.use_rslora)))
+        (r, alpha, lora_scaling(alpha, r, self.use_rslora))
     }
 }
 
@@ -160,42 +153,6 @@ pub fn lora_scaling(alpha: f64, r: usize, use_rslora: bool) -> f32 {
     } else {
         alpha / r
     }) as f32
-}
-
-fn pattern_value<T: Copy + PartialEq + std::fmt::Debug>(
-    pattern: &BTreeMap<String, T>,
-    module_path: &str,
-    field: &str,
-) -> Result<Option<T>> {
-    const REGEX_SYNTAX: &[char] = &[
-        '\\', '^', '$', '*', '+', '?', '(', ')', '[', ']', '{', '}', '|',
-    ];
-    if let Some(key) = pattern.keys().find(|k| k.contains(REGEX_SYNTAX)) {
-        return Err(Error::Unsupported(format!(
-            "`{field}` key `{key}` is a regex; only module names (matched as the path or its \
-             `.name` ending) are supported"
-        )));
-    }
-    let mut found: Option<(&String, T)> = None;
-    for (key, value) in pattern {
-        let matches = module_path == key
-            || module_path
-                .strip_suffix(key.as_str())
-                .is_some_and(|head| head.ends_with('.'));
-        if !matches {
-            continue;
-        }
-        match found {
-            Some((other, v)) if v != *value => {
-                return Err(Error::config(format!(
-                    "`{field}` keys `{other}` ({v:?}) and `{key}` ({value:?}) both match \
-                     module `{module_path}`"
-                )));
-            }
-            _ => found = Some((key, *value)),
-        }
-    }
-    Ok(found.map(|(_, v)| v))
 }
 
 /// One LoRA (or DoRA) adapter on one Linear layer, validated.
@@ -512,7 +469,10 @@ fn load(
             dir.peft_type()
         )));
     }
-    let config = LoraConfig::from_json(dir.config())?;
+    let config = dir
+        .config()
+        .lora()
+        .ok_or_else(|| Error::config("not a LoRA config"))?;
     let module = dir.resolve_module(module, LORA_A_SUFFIX)?;
     check_module_keys(dir, &module)?;
     let (rank, scaling) = config.rank_and_scaling(&module)?;

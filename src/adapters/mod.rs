@@ -3,6 +3,7 @@
 
 pub mod lora;
 pub mod oft;
+pub mod peft_config;
 pub mod peft_dir;
 
 use std::path::Path;
@@ -45,7 +46,7 @@ impl Adapter {
         in_features: usize,
         out_features: usize,
     ) -> Result<Self> {
-        let peft = PeftAdapterDir::open(dir)?;
+        let peft = PeftAdapterDir::open(dir).map_err(peft_dir::in_adapter(name))?;
         Self::from_peft(name, &peft, module, in_features, out_features)
     }
 

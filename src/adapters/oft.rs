@@ -352,7 +352,10 @@ fn load(
             dir.peft_type()
         )));
     }
-    let config = OftConfig::from_json(dir.config())?;
+    let config = dir
+        .config()
+        .oft()
+        .ok_or_else(|| Error::config("not an OFT config"))?;
     let module = dir.resolve_module(module, OFT_SUFFIX)?;
     check_module_keys(dir, &module)?;
     let tensor = dir.tensor_for(Some(&module), OFT_SUFFIX)?;

@@ -8,21 +8,22 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use crate::adapters::peft_config::{ModuleSettings, PeftConfig};
+use crate::checkpoint::canonical_module_name as module_name;
 use crate::error::{Error, Result};
 use crate::io::{HostTensor, TensorFile};
 
 const CONFIG_FILE: &str = "adapter_config.json";
 const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 const PICKLE_FILE: &str = "adapter_model.bin";
-const KEY_PREFIX: &str = "base_model.model.";
+use crate::adapters::peft_config::KEY_PREFIX;
 
 /// One loaded adapter directory. Keys are indexed by module path (without `base_model.model.`)
 /// and by the suffix that follows it (`oft_R.weight`, `lora_A.weight`, ...).
 #[derive(Clone, Debug)]
 pub struct PeftAdapterDir {
     path: PathBuf,
-    peft_type: String,
-    config: Value,
+    config: PeftConfig,
     tensors: TensorFile,
     /// module path -> suffix -> full tensor key.
     modules: BTreeMap<String, BTreeMap<String, String>>,
@@ -43,22 +44,18 @@ impl PeftAdapterDir {
         let config: Value = serde_json::from_slice(config).map_err(|e| {
             Error::config(format!("{}: not valid JSON: {e}", config_path.display()))
         })?;
-        let peft_type = config
-            .get("peft_type")
-            .and_then(Value::as_str)
-            .ok_or_else(|| {
-                Error::config(format!(
-                    "{}: `peft_type` is missing or not a string",
-                    config_path.display()
-                ))
-            })?
-            .to_string();
+        let config = PeftConfig::from_json(&config).map_err(|e| match e {
+            Error::Config(reason) => Error::config(format!("{}: {reason}", config_path.display())),
+            Error::Unsupported(reason) => {
+                Error::Unsupported(format!("{}: {reason}", config_path.display()))
+            }
+            other => other,
+        })?;
         let tensors =
             TensorFile::from_bytes(weights, &dir.join(WEIGHTS_FILE).display().to_string())?;
         let modules = index_modules(&tensors)?;
         Ok(Self {
             path: dir,
-            peft_type,
             config,
             tensors,
             modules,
@@ -71,11 +68,11 @@ impl PeftAdapterDir {
 
     /// `"OFT"`, `"LORA"`, ... as written in the config.
     pub fn peft_type(&self) -> &str {
-        &self.peft_type
+        &self.config.peft_type
     }
 
-    /// The whole `adapter_config.json`, unparsed.
-    pub fn config(&self) -> &Value {
+    /// `adapter_config.json` as parsed.
+    pub fn config(&self) -> &PeftConfig {
         &self.config
     }
 
@@ -101,7 +98,7 @@ impl PeftAdapterDir {
     /// when none does, the only adapted module (so that its keys can be checked and reported).
     pub fn resolve_module(&self, module: Option<&str>, suffix: &str) -> Result<String> {
         if let Some(m) = module {
-            return Ok(m.strip_prefix(KEY_PREFIX).unwrap_or(m).to_string());
+            return Ok(module_name(m).to_string());
         }
         let carriers: Vec<&String> = self
             .modules
@@ -140,6 +137,54 @@ impl PeftAdapterDir {
                 file: self.tensors.label.clone(),
             })?;
         self.tensors.get(key)
+    }
+}
+
+impl PeftAdapterDir {
+    /// The modules among `modules` (name, in_features) that this adapter wraps, with their
+    /// settings, in the order given. Fails when a module it targets has no tensors in the
+    /// adapter file, or when the file holds tensors for a module that is not among `modules`
+    /// or that the config does not select (`target_modules`, `exclude_modules`,
+    /// `layers_to_transform`).
+    pub fn resolve_targets<'a>(
+        &self,
+        modules: impl IntoIterator<Item = (&'a str, usize)>,
+    ) -> Result<Vec<(String, ModuleSettings)>> {
+        let label = &self.tensors.label;
+        let mut targets = Vec::new();
+        let mut known = std::collections::BTreeSet::new();
+        for (module, in_features) in modules {
+            let module = module_name(module);
+            known.insert(module.to_string());
+            let Some(settings) = self.config.resolve(module, in_features)? else {
+                continue;
+            };
+            if !self.modules.contains_key(module) {
+                let Some(selector) = &self.config.target_modules else {
+                    continue;
+                };
+                return Err(Error::config(format!(
+                    "{label}: `target_modules` ({selector}) selects module `{module}`, but the \
+                     adapter holds no tensors for it"
+                )));
+            }
+            targets.push((module.to_string(), settings));
+        }
+        for module in self.modules.keys() {
+            if !known.contains(module) {
+                return Err(Error::config(format!(
+                    "{label}: the adapter holds tensors for `{module}`, which is not a quantized \
+                     module of the checkpoint"
+                )));
+            }
+            if !targets.iter().any(|(m, _)| m == module) {
+                return Err(Error::config(format!(
+                    "{label}: the adapter holds tensors for `{module}`, which its \
+                     `target_modules` / `exclude_modules` / `layers_to_transform` do not select"
+                )));
+            }
+        }
+        Ok(targets)
     }
 }
 

@@ -1,10 +1,11 @@
-//! The `quantadapt` command: demo, info, verify-golden, run, bench.
+//! The `quantadapt` command: demo, info, verify-golden, run, merge, bench.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
 use quantadapt::adapters::Adapter;
 use quantadapt::adapters::lora::LoraAdapter;
 use quantadapt::adapters::oft::{OftAdapter, Parameterization};
@@ -22,6 +23,8 @@ use quantadapt::kernels::lora::GpuLora;
 use quantadapt::kernels::oft::GpuOft;
 use quantadapt::kernels::quant::GpuQuantWeight;
 use quantadapt::layer::{Backend as LayerBackend, QuantLinear};
+use quantadapt::merge::{MergeEvent, merge_model};
+use quantadapt::model::{Activations, Model};
 use quantadapt::tensor::{Matrix, max_rel_error};
 use quantadapt::{Error, Result};
 
@@ -56,8 +59,12 @@ enum Command {
         #[arg(long, value_enum)]
         format: Option<FormatArg>,
         /// The layer's module path, when the file holds several quantized layers.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "all_modules")]
         module: Option<String>,
+        /// Run every module of the model (folder, index or file given as --base): the input
+        /// holds one `<module>.x` per module, the output gets one `<module>.y` per module.
+        #[arg(long, requires = "output")]
+        all_modules: bool,
         /// PEFT adapter directories, applied in the order given.
         #[arg(long)]
         adapter: Vec<PathBuf>,
@@ -67,6 +74,21 @@ enum Command {
         /// Where to write `y` ([batch, out]); printed when absent.
         #[arg(long)]
         output: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = RunBackend::Gpu)]
+        backend: RunBackend,
+    },
+    /// Bake adapters into an HQQ model folder, writing a model folder transformers + HQQ load
+    /// as they load the base.
+    Merge {
+        /// The HQQ model folder (config.json, model.safetensors or an index with shards).
+        #[arg(long)]
+        base: PathBuf,
+        /// PEFT adapter folders, merged in the order given (OFT adapters first).
+        #[arg(long, required = true)]
+        adapter: Vec<PathBuf>,
+        /// The folder to write; it must not exist.
+        #[arg(long)]
+        out: PathBuf,
         #[arg(long, value_enum, default_value_t = RunBackend::Gpu)]
         backend: RunBackend,
     },
@@ -145,12 +167,28 @@ fn main() -> ExitCode {
         Command::VerifyGolden { dir, backend } => verify_golden(&dir, backend),
         Command::Run {
             base,
+            all_modules: true,
+            adapter,
+            input,
+            output,
+            backend,
+            ..
+        } => run_all_modules(&base, &adapter, &input, output.as_deref(), backend),
+        Command::Merge {
+            base,
+            adapter,
+            out,
+            backend,
+        } => merge(&base, &adapter, &out, backend),
+        Command::Run {
+            base,
             format,
             module,
             adapter,
             input,
             output,
             backend,
+            ..
         } => run(RunArgs {
             base,
             format,
@@ -382,9 +420,12 @@ fn verify_golden(dir: &std::path::Path, backend: BackendArg) -> Result<ExitCode>
     let outcomes = golden::run(dir, backends, gpu.as_ref())?;
     let mut failed = 0;
     for o in &outcomes {
-        if let Err(reason) = &o.result {
-            failed += 1;
-            println!("FAIL {} [{}]: {reason}", o.case, o.backend);
+        match &o.result {
+            Ok(()) => println!("pass {} [{}]", o.case, o.backend),
+            Err(reason) => {
+                failed += 1;
+                println!("FAIL {} [{}]: {reason}", o.case, o.backend);
+            }
         }
     }
     println!("{} passed, {} failed", outcomes.len() - failed, failed);
@@ -413,16 +454,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     });
     let base = QuantWeight::load_file(&args.base, format, args.module.as_deref())?;
     let (inp, out) = (base.in_features(), base.out_features());
-    let backend = match args.backend {
-        RunBackend::Cpu => LayerBackend::Cpu,
-        RunBackend::Gpu => match GpuContext::new() {
-            Ok(ctx) => LayerBackend::Gpu(Box::new(ctx)),
-            Err(e) => {
-                eprintln!("note: {e}; running on the CPU");
-                LayerBackend::Cpu
-            }
-        },
-    };
+    let backend = layer_backend(args.backend);
     let mut layer = QuantLinear::new(base, backend)?;
     let mut names = Vec::new();
     for (i, dir) in args.adapters.iter().enumerate() {
@@ -461,6 +493,126 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             }
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The CPU, or the GPU when asked for and present (else the CPU, with a note).
+fn layer_backend(backend: RunBackend) -> LayerBackend {
+    match backend {
+        RunBackend::Cpu => LayerBackend::Cpu,
+        RunBackend::Gpu => match GpuContext::new() {
+            Ok(ctx) => LayerBackend::Gpu(Box::new(ctx)),
+            Err(e) => {
+                eprintln!("note: {e}; running on the CPU");
+                LayerBackend::Cpu
+            }
+        },
+    }
+}
+
+/// Every module with an `x` in the input, with every adapter active (in the order given).
+fn run_all_modules(
+    base: &Path,
+    adapters: &[PathBuf],
+    input: &Path,
+    output: Option<&Path>,
+    backend: RunBackend,
+) -> Result<ExitCode> {
+    let output = output.ok_or_else(|| Error::Config("--all-modules needs --output".into()))?;
+    check_output_folder(output)?;
+    let mut model = Model::open(base, layer_backend(backend))?;
+    let mut names = Vec::new();
+    for (i, dir) in adapters.iter().enumerate() {
+        let name = format!("adapter{i}");
+        model.add_adapter_dir(&name, dir)?;
+        names.push(name);
+    }
+    model.set_active(&names.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let inputs = TensorFile::open(input)?;
+    for key in inputs.tensors.keys() {
+        let known = key
+            .strip_suffix(".x")
+            .is_some_and(|m| model.module_names().iter().any(|n| n == m));
+        if !known {
+            return Err(Error::Config(format!(
+                "{}: `{key}` is not `<module>.x` for a quantized module of the model",
+                input.display()
+            )));
+        }
+    }
+    let mut file = TensorFile {
+        label: output.display().to_string(),
+        ..Default::default()
+    };
+    for module in model.module_names() {
+        let Ok(x) = inputs.get(&format!("{module}.x")) else {
+            continue;
+        };
+        let y = model.forward(module, &Activations::from_host(x)?)?;
+        file.insert(y.to_host(&format!("{module}.y")));
+    }
+    if file.tensors.is_empty() {
+        return Err(Error::Config(format!(
+            "{}: no `<module>.x` tensor in the input",
+            input.display()
+        )));
+    }
+    file.save(output)?;
+    println!(
+        "wrote {} outputs (<module>.y) of {} modules to {}",
+        file.tensors.len(),
+        model.module_names().len(),
+        output.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn merge(base: &Path, adapters: &[PathBuf], out: &Path, backend: RunBackend) -> Result<ExitCode> {
+    let backend = layer_backend(backend);
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template(
+            "{msg:40} [{bar:30}] {pos}/{len} modules, {elapsed} elapsed, ETA {eta}",
+        )
+        .map_err(|e| Error::Config(format!("progress template: {e}")))?
+        .progress_chars("=> "),
+    );
+    let plain = bar.is_hidden();
+    let summary = merge_model(base, adapters, out, &backend, &mut |event| match event {
+        MergeEvent::Start { touched, modules } => {
+            bar.set_length(touched as u64);
+            bar.set_message("merging");
+            if plain {
+                eprintln!("merging {touched} of {modules} modules");
+            }
+        }
+        MergeEvent::Merged { module } => {
+            bar.inc(1);
+            bar.set_message(module.clone());
+            if plain {
+                eprintln!(
+                    "merged {module} ({}/{})",
+                    bar.position(),
+                    bar.length().unwrap_or(0)
+                );
+            }
+        }
+        MergeEvent::Written { file, bytes } => {
+            if plain {
+                eprintln!("wrote {file} ({bytes} bytes)");
+            }
+        }
+    });
+    bar.finish_and_clear();
+    let summary = summary?;
+    println!(
+        "merged {} of {} modules into {} in {:.1} s: {} safetensors file(s), {} bytes written",
+        summary.merged,
+        summary.modules,
+        summary.out.display(),
+        summary.seconds,
+        summary.files,
+        summary.bytes
+    );
     Ok(ExitCode::SUCCESS)
 }
 

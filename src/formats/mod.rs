@@ -76,7 +76,7 @@ impl QuantFormat for QuantWeight {
 }
 
 /// The tensor that marks a layer of each format in a checkpoint, by format name.
-const MARKERS: [(&str, &str); 3] = [
+pub(crate) const MARKERS: [(&str, &str); 3] = [
     ("hqq", "W_q"),
     ("gptq", "qweight"),
     ("eetq", "weight_scales"),

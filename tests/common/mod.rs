@@ -24,6 +24,11 @@ pub fn golden_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/golden")
 }
 
+/// Whole-model golden data: real checkpoint folders and PEFT adapter folders.
+pub fn golden_model_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/golden-model")
+}
+
 /// A matrix of fresh random values in [-scale, scale), never all zeros.
 pub fn random_matrix(rows: usize, cols: usize, scale: f32) -> Matrix {
     let m = Matrix::random(rows, cols, scale);
@@ -89,4 +94,60 @@ pub fn hqq_quant_cases() -> Vec<HqqQuantCase> {
         .collect();
     assert!(cases.len() >= 80, "expected the golden hqq_quant cases");
     cases
+}
+
+/// An HQQ layer's tensors under `prefix` (`model.layers.0.self_attn.q_proj.`) as transformers
+/// saves `HQQLinear.state_dict()`: packed `W_q`, `scale` and `zero` per group, and the meta as
+/// small tensors.
+pub fn hqq_module_tensors(
+    prefix: &str,
+    w: &quantadapt::formats::hqq::HqqWeight,
+) -> Vec<quantadapt::io::HostTensor> {
+    use quantadapt::formats::hqq::ComputeDtype;
+    use quantadapt::io::HostTensor;
+    use safetensors::Dtype;
+    let name = |key: &str| format!("{prefix}{key}");
+    let scalar = |key: &str, v: i32| {
+        HostTensor::from_raw(&name(key), Dtype::I32, &[], v.to_le_bytes().to_vec())
+    };
+    let ascii = |key: &str, text: &str| {
+        HostTensor::from_raw(
+            &name(key),
+            Dtype::U8,
+            &[text.len()],
+            text.as_bytes().to_vec(),
+        )
+    };
+    let packed_dtype = match w.packing.element_bytes {
+        4 => Dtype::I32,
+        _ => Dtype::U8,
+    };
+    let compute_dtype = match w.compute_dtype {
+        ComputeDtype::F16 => "torch.float16",
+        ComputeDtype::BF16 => "torch.bfloat16",
+        ComputeDtype::F32 => "torch.float32",
+    };
+    let meta_shape = w.grouping.meta_shape();
+    let shape = [w.out_features as i64, w.in_features as i64];
+    vec![
+        HostTensor::from_raw(
+            &name("W_q"),
+            packed_dtype,
+            &[w.packed_rows, w.packed_cols],
+            w.packed.clone(),
+        ),
+        HostTensor::from_f32(&name("scale"), &meta_shape, &w.scale),
+        HostTensor::from_f32(&name("zero"), &meta_shape, &w.zero),
+        HostTensor::from_raw(
+            &name("shape"),
+            Dtype::I64,
+            &[2],
+            bytemuck::cast_slice(&shape).to_vec(),
+        ),
+        scalar("nbits", w.nbits() as i32),
+        scalar("group_size", w.grouping.group_size as i32),
+        scalar("axis", w.grouping.axis as i32),
+        ascii("packing", w.packing.name()),
+        ascii("compute_dtype", compute_dtype),
+    ]
 }
