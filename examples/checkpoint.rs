@@ -42,25 +42,24 @@ fn main() -> Result<()> {
         }
     };
     let mut model = Model::open(&model_dir, backend)?;
-    let adapter = model.add_adapter_dir("oft", &adapter_dir)?;
+    let targets = model.add_adapter_dir("oft", &adapter_dir)?.targets.len();
     println!(
-        "{} modules; adapter `{}` ({}) targets {} of them",
-        model.module_names().len(),
-        adapter.name,
-        adapter.peft_type,
-        adapter.targets.len()
+        "{} modules; the adapter targets {targets} of them",
+        model.module_names().len()
     );
     model.set_active(&["oft"])?;
 
     let run = TensorFile::open(&run_file)?;
-    let x = Activations::from_host(&run.get(&format!("{module}.x"))?)?;
-    let expected = Activations::from_host(&run.get(&format!("{module}.y"))?)?;
+    let x = Activations::from_host(run.get(&format!("{module}.x"))?)?;
+    let expected = Activations::from_host(run.get(&format!("{module}.y"))?)?;
     let y = model.forward(&module, &x)?;
     let err = max_rel_error(&y.data, &expected.data);
     println!("{module}: x {:?} -> y {:?}", x.shape, y.shape);
     println!("max relative error against PEFT: {err:.2e}");
     if err > 1e-4 {
-        return Err(Error::Gpu(format!("the output disagrees with PEFT's: {err}")));
+        return Err(Error::Gpu(format!(
+            "the output disagrees with PEFT's: {err}"
+        )));
     }
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! An app that owns its wgpu device and buffers runs a quantadapt layer inside its own frame:
 //! its kernel scales x, quantadapt's forward (a 4-bit HQQ layer with an OFT and a LoRA adapter)
 //! reads x and writes y, its second kernel adds one to y, all in one encoder and one submission,
-//! on views of one host buffer at aligned offsets. The result is checked against the CPU.
+//! on views of the app's buffers at aligned offsets. The result is checked against the CPU.
 //!
 //! `cargo run --example embed`
 
@@ -110,22 +110,28 @@ fn main() -> Result<()> {
     }
     layer.prewarm(&[ROWS], ActDtype::F32)?;
 
-    // One host buffer: x at one aligned offset, y at another.
-    let align = ctx.limits().min_storage_buffer_offset_alignment as u64;
-    let x_offset = align;
-    let y_offset = (x_offset + (ROWS * IN * 4) as u64).next_multiple_of(align);
-    let buffer = device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("app activations"),
-        size: y_offset + (ROWS * OUT * 4) as u64,
-        usage: wgpu::BufferUsages::STORAGE
-            | wgpu::BufferUsages::COPY_DST
-            | wgpu::BufferUsages::COPY_SRC,
-        mapped_at_creation: false,
-    });
+    // The app's activation buffers, x and y each after some data of the app's own, at offsets
+    // the device accepts. (x and y need buffers of their own: wgpu refuses a launch that reads
+    // and writes one buffer.)
+    let offset = 4 * ctx.limits().min_storage_buffer_offset_alignment as u64;
+    let app_buffer = |label, elements: usize| {
+        device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: offset + (elements * 4) as u64,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_DST
+                | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        })
+    };
+    let (x_buffer, y_buffer) = (
+        app_buffer("app x", ROWS * IN),
+        app_buffer("app y", ROWS * OUT),
+    );
     let x = matrix(ROWS, IN, 1.0, 5.0)?;
-    queue.write_buffer(&buffer, x_offset, bytemuck::cast_slice(&x.data));
-    let xv = GpuTensor::view(&ctx, &buffer, x_offset, ROWS, IN, ActDtype::F32)?;
-    let yv = GpuTensor::view(&ctx, &buffer, y_offset, ROWS, OUT, ActDtype::F32)?;
+    queue.write_buffer(&x_buffer, offset, bytemuck::cast_slice(&x.data));
+    let xv = GpuTensor::view(&ctx, &x_buffer, offset, ROWS, IN, ActDtype::F32)?;
+    let yv = GpuTensor::view(&ctx, &y_buffer, offset, ROWS, OUT, ActDtype::F32)?;
 
     let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
         label: Some("host kernel"),
