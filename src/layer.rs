@@ -30,7 +30,9 @@ use crate::tensor::Matrix;
 /// Where a layer runs.
 #[derive(Clone, Debug)]
 pub enum Backend {
+    /// The CPU reference: forwards and merges in f32 on the host.
     Cpu,
+    /// A GPU context: the base weight and adapters are uploaded when added.
     Gpu(Box<GpuContext>),
 }
 
@@ -146,6 +148,8 @@ fn adapter_error(name: &str, reason: impl Into<String>) -> Error {
 }
 
 impl QuantLinear {
+    /// A layer of `base` with no adapters; on [`Backend::Gpu`] the weight is uploaded now
+    /// (failing with a GPU error if the device refuses it).
     pub fn new(base: QuantWeight, backend: Backend) -> Result<Self> {
         let gpu = match backend {
             Backend::Cpu => None,
@@ -175,18 +179,23 @@ impl QuantLinear {
         self.gpu.as_ref().is_none_or(|g| !g.ctx.is_lost())
     }
 
+    /// The current base weight, with any merged adapters folded in.
     pub fn base(&self) -> &QuantWeight {
         &self.base
     }
 
+    /// The adapter added under `name`, merged or not.
     pub fn adapter(&self, name: &str) -> Option<&Adapter> {
         self.adapters.iter().find(|a| a.name() == name)
     }
 
+    /// Names of the active adapters, in the order they apply (merged ones included).
     pub fn active_adapters(&self) -> &[String] {
         &self.active
     }
 
+    /// Names of the adapters merged into the base, oldest first ([`Self::unmerge`] undoes
+    /// the last).
     pub fn merged_adapters(&self) -> Vec<&str> {
         self.merged.iter().map(|m| m.name.as_str()).collect()
     }
@@ -444,6 +453,7 @@ impl QuantLinear {
         self.invalidate_plans();
     }
 
+    /// The fusion setting GPU forwards use (default [`Fusion::Auto`]).
     pub fn fusion(&self) -> Fusion {
         self.fusion
     }
@@ -835,6 +845,7 @@ impl QuantLinear {
         Ok(self.merged.pop().map(|m| m.name))
     }
 
+    /// Unmerges every merged adapter, newest first, restoring the original base.
     pub fn unmerge_all(&mut self) -> Result<()> {
         while self.unmerge()?.is_some() {}
         Ok(())
