@@ -29,6 +29,8 @@ fn key(entry: &'static str, act: ActDtype) -> ShaderKey {
     ShaderKey::new("lora", entry, act)
 }
 
+/// Every specialization of the LoRA shrink and expand kernels, for f32 and f16 activations, for
+/// [`catalogue`](super::catalogue).
 pub fn shader_keys() -> Vec<ShaderKey> {
     let mut keys = Vec::new();
     for act in [ActDtype::F32, ActDtype::F16] {
@@ -41,8 +43,11 @@ pub fn shader_keys() -> Vec<ShaderKey> {
 /// A LoRA (or DoRA) adapter resident on the GPU.
 #[derive(Debug)]
 pub struct GpuLora {
+    /// Columns of `A` (the layer's inputs).
     pub in_features: usize,
+    /// Rows of `B` (the layer's outputs).
     pub out_features: usize,
+    /// `r`: rows of `A`, columns of `B`.
     pub rank: usize,
     scaling: f32,
     a: wgpu::Buffer,

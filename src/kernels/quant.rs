@@ -51,6 +51,8 @@ struct MatmulParams {
 pub struct FormatShader {
     /// `HQQ`, `GPTQ` or `EETQ`: the `#ifdef` that pulls in `shaders/formats/<format>.wgsl`.
     pub flag: &'static str,
+    /// The format's `const` values (bit width, zero convention, rounding), prepended to the
+    /// source.
     pub consts: Vec<(&'static str, u32)>,
     /// The GEMV decodes a packed word at a time (`WORD_UNITS`): the format's layout and this
     /// weight's shape allow it.
@@ -119,7 +121,9 @@ impl FormatShader {
 /// rows per set of bindings, several when the weight is larger than one binding may be.
 #[derive(Debug)]
 pub struct GpuQuantWeight {
+    /// Rows of `W` and columns of y.
     pub out_features: usize,
+    /// Columns of `W` and of x.
     pub in_features: usize,
     slices: Vec<RowSlice>,
     /// The whole layer's bias (a single zero when it has none), for adapters' epilogues.
@@ -293,6 +297,8 @@ impl GpuQuantWeight {
         self.forward_with(ctx, x, MatmulPath::for_rows(x.rows))
     }
 
+    /// [`Self::forward`] on a given kernel path. Fails with [`Error::Unsupported`] for
+    /// [`MatmulPath::Gemv`] on more than [`GEMV_MAX_ROWS`](super::GEMV_MAX_ROWS) rows.
     pub fn forward_with(
         &self,
         ctx: &GpuContext,
