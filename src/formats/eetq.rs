@@ -83,12 +83,15 @@ fn swap_middle_bytes(index: usize) -> usize {
 /// An EETQ int8 linear layer with its codes in plain row-major order.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EetqWeight {
+    /// K: inputs per row of x.
     pub in_features: usize,
+    /// N: outputs, each with its own scale.
     pub out_features: usize,
     /// Row-major `[in, out]`.
     pub codes: Vec<i8>,
     /// `[out]`, f16 values.
     pub scales: Vec<f32>,
+    /// `[out]`, added after the scaling.
     pub bias: Option<Vec<f32>>,
 }
 

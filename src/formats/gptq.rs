@@ -27,8 +27,11 @@ use crate::tensor::{Matrix, round_f16};
 /// A GPTQ-quantized linear layer.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GptqWeight {
+    /// Bit width, grouping and zero-point convention of the codes.
     pub config: GptqConfig,
+    /// K: inputs per row of x.
     pub in_features: usize,
+    /// N: outputs.
     pub out_features: usize,
     /// Row-major `[ceil(K*bits/32), N]`, the raw bits of the int32 words.
     pub qweight: Vec<u32>,
@@ -38,7 +41,9 @@ pub struct GptqWeight {
     pub scales: Vec<f32>,
     /// `[K]`: the group of each input.
     pub g_idx: Vec<u32>,
+    /// `[N]`, added to the output.
     pub bias: Option<Vec<f32>>,
+    /// G: rows of `scales` and `qzeros`, `ceil(K / group_size)` (1 without grouping).
     pub groups: usize,
 }
 

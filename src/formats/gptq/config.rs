@@ -24,9 +24,13 @@ pub struct GptqConfig {
     pub bits: u32,
     /// Inputs per group; `None` (`-1` in the files) is one group spanning all inputs.
     pub group_size: Option<usize>,
+    /// Symmetric quantization: each group's range is symmetric about 0 and its zero point is the
+    /// middle code `2^(bits-1)`. Only the quantizer reads it; dequantization takes the zeros from
+    /// `qzeros`.
     pub sym: bool,
     /// Act-order: groups follow `g_idx`, which is then not monotonic.
     pub desc_act: bool,
+    /// How `qzeros` stores the zero points (v1: zero minus one, v2: the zero).
     pub zeros: GptqZeros,
 }
 
