@@ -46,9 +46,9 @@ pub enum Error {
     Shape {
         /// The tensor or operand.
         name: String,
-        /// The shape that was required, e.g. `[4096, 11008]`.
+        /// The shape or rule that was required, e.g. `[m, 4096]`.
         expected: String,
-        /// The shape (or, for flat data, the length) actually given.
+        /// The dimensions actually given (a length, for flat data).
         found: Vec<usize>,
     },
     /// A tensor holds NaN or an infinity where only finite values are valid (checked on load,
@@ -70,8 +70,8 @@ pub enum Error {
     /// does not implement, a shape beyond a kernel's limits, a feature the GPU lacks.
     #[error("unsupported: {0}")]
     Unsupported(String),
-    /// An adapter cannot be loaded or attached: unknown name, unsupported `peft_type`, or a
-    /// load error wrapped with the adapter's name.
+    /// An adapter cannot be loaded or attached: unknown or taken name, unsupported `peft_type`,
+    /// a shape that does not fit the layer, or a load error wrapped with the adapter's name.
     #[error("adapter `{adapter}`: {reason}")]
     Adapter {
         /// The adapter's name.

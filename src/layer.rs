@@ -205,7 +205,8 @@ impl QuantLinear {
         self.merged.first().map_or(&self.base, |m| &m.previous)
     }
 
-    /// Adds an adapter (not yet active). Its shape must match the layer.
+    /// Adds an adapter (not yet active). Its shape must match the layer. Fails with
+    /// [`Error::Adapter`] for a name already taken (or [`BASE_ONLY`]) or a shape that does not fit.
     pub fn add_adapter(&mut self, adapter: Adapter) -> Result<()> {
         let name = adapter.name().to_string();
         if name == BASE_ONLY || self.adapter(&name).is_some() {
@@ -239,7 +240,8 @@ impl QuantLinear {
         Ok(())
     }
 
-    /// Removes an adapter; a merged one must be unmerged first.
+    /// Removes an adapter; a merged one must be unmerged first. Fails with [`Error::Adapter`]
+    /// for an unknown or merged adapter.
     pub fn remove_adapter(&mut self, name: &str) -> Result<()> {
         if self.merged.iter().any(|m| m.name == name) {
             return Err(adapter_error(
@@ -262,7 +264,8 @@ impl QuantLinear {
     }
 
     /// Sets the active adapters, in order: OFT rotations compose in this order on the input,
-    /// LoRA terms add on the output.
+    /// LoRA terms add on the output. Fails with [`Error::Adapter`] for an unknown name, leaving
+    /// the active set as it was.
     pub fn set_active(&mut self, names: &[&str]) -> Result<()> {
         for n in names {
             if self.adapter(n).is_none() {
@@ -388,7 +391,9 @@ impl QuantLinear {
     /// The plan of one forward of `x` into `y` with the active adapters: built once for these
     /// tensors and the layer's state, then reused until the state changes (adapters, active
     /// set, enabling, fusion, merges). The layer holds its plans, and with them the tensors'
-    /// buffers, until then or [`Self::clear_plans`].
+    /// buffers, until then or [`Self::clear_plans`]. Fails with [`Error::Shape`] unless
+    /// `x: [m, in]` and `y: [m, out]` share rows and dtype, and with [`Error::Unsupported`] on a
+    /// CPU layer or when `x` and `y` are views of one buffer.
     pub fn prepare_forward(&self, x: &GpuTensor, y: &GpuTensor) -> Result<Arc<ForwardPlan>> {
         let gpu = self.gpu_state()?;
         check_distinct_buffers(x, y)?;

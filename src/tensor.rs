@@ -83,7 +83,8 @@ impl Matrix {
     }
 
     /// `self · otherᵀ` with f64 accumulation: `[m, k] x [n, k] -> [m, n]`
-    /// (an activation times an `[out, in]` weight).
+    /// (an activation times an `[out, in]` weight). Fails with [`Error::Shape`] unless both
+    /// have `k` columns.
     pub fn matmul_t(&self, other: &Matrix) -> Result<Matrix> {
         if self.cols != other.cols {
             return Err(Error::shape(
@@ -104,7 +105,8 @@ impl Matrix {
         Ok(out)
     }
 
-    /// `self · other` with f64 accumulation: `[m, k] x [k, n] -> [m, n]`.
+    /// `self · other` with f64 accumulation: `[m, k] x [k, n] -> [m, n]`. Fails with
+    /// [`Error::Shape`] unless `other` has `k` rows.
     pub fn matmul(&self, other: &Matrix) -> Result<Matrix> {
         self.matmul_t(&other.transpose())
     }
