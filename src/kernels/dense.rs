@@ -109,7 +109,9 @@ impl GpuDenseWeight {
         self.resident_bytes
     }
 
-    /// Binds `y = x · Wᵀ + bias` for `x: [m, in]`, `y: [m, out]` on `path`.
+    /// Binds `y = x · Wᵀ + bias` for `x: [m, in]`, `y: [m, out]` on `path`. Fails with
+    /// [`Error::Shape`] when `x` or `y` does not fit, and with [`Error::Unsupported`] for the
+    /// GEMV past its row limit or a grid too large.
     pub fn prepare(
         &self,
         ctx: &GpuContext,

@@ -56,7 +56,9 @@ pub struct GpuLora {
 }
 
 impl GpuLora {
-    /// `a: [r, in]`, `b: [out, r]`; `dora_scale` = magnitude / row norm of `W + s·B·A`, per output.
+    /// `a: [r, in]`, `b: [out, r]`; `dora_scale` = magnitude / row norm of `W + s·B·A`, per
+    /// output. Fails with [`Error::Shape`] for rank 0, `b` without `r` columns, or a DoRA
+    /// scale that is not `[out]`.
     pub fn upload(
         ctx: &GpuContext,
         a: &Matrix,
@@ -149,7 +151,9 @@ impl GpuLora {
     }
 
     /// Binds `y += s · (x Aᵀ) Bᵀ` (or DoRA's rescale) for `x: [m, in]`, `y: [m, out]`.
-    /// `bias` is the base layer's bias buffer (DoRA leaves it out of the rescale).
+    /// `bias` is the base layer's bias buffer (DoRA leaves it out of the rescale). Returns the
+    /// shrink and expand launches, in order. Fails with [`Error::Shape`] when `x` or `y` does
+    /// not fit the adapter.
     pub fn prepare(
         &self,
         ctx: &GpuContext,

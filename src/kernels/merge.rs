@@ -57,7 +57,9 @@ pub fn shader_keys() -> Vec<ShaderKey> {
     vec![key("oft"), key("lora")]
 }
 
-/// The dense merged weight `[out, in]`: `base` dequantized and `delta` applied on the GPU.
+/// The dense merged weight `[out, in]`: `base` dequantized and `delta` applied on the GPU,
+/// then downloaded. Fails with [`Error::Shape`] when `delta` does not fit `base` (OFT blocks
+/// that do not tile the inputs, LoRA factors or DoRA scale of other sizes).
 pub fn merged_weight(
     ctx: &GpuContext,
     base: &GpuQuantWeight,

@@ -191,6 +191,7 @@ impl GpuMixedAdapters {
     }
 
     /// Binds the per-row OFT rotation `x -> rotated` (rows without an OFT slot are copied).
+    /// Fails with [`Error::Shape`] unless both are `[m, in]` of one dtype.
     pub fn prepare_rotate(
         &self,
         ctx: &GpuContext,
@@ -267,7 +268,9 @@ impl GpuMixedAdapters {
         }
     }
 
-    /// Binds the per-row LoRA / DoRA terms added into `y` (rows without a LoRA slot untouched).
+    /// Binds the per-row LoRA / DoRA terms added into `y` (rows without a LoRA slot untouched):
+    /// the shrink and expand launches, in order. Fails with [`Error::Shape`] unless `x: [m, in]`
+    /// and `y: [m, out]` share rows and dtype.
     pub fn prepare_lora(
         &self,
         ctx: &GpuContext,

@@ -189,7 +189,8 @@ impl GpuQuantWeight {
     }
 
     /// Uploads a base weight of any format, still packed, split by output rows where a buffer
-    /// of it would exceed the device's storage-binding limit.
+    /// of it would exceed the device's storage-binding limit. Fails with [`Error::Allocation`]
+    /// when even the smallest legal row slice has a buffer over that limit.
     pub fn upload(ctx: &GpuContext, weight: &QuantWeight) -> Result<Self> {
         let limits = ctx.limits();
         let max_binding = limits
@@ -310,7 +311,9 @@ impl GpuQuantWeight {
         Ok(y)
     }
 
-    /// Binds `x` and `y` for one matmul, ready to record into any compute pass.
+    /// Binds `x: [m, in]` and `y: [m, out]` for one matmul, ready to record into any compute
+    /// pass. Fails with [`Error::Shape`] when their shapes or dtypes do not match the weight,
+    /// and with [`Error::Unsupported`] for the GEMV past its row limit or a grid too large.
     pub fn prepare(
         &self,
         ctx: &GpuContext,
