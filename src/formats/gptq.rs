@@ -52,6 +52,10 @@ impl GptqWeight {
     ///
     /// in_features is the length of `g_idx`; without `g_idx` it is `rows * 32 / bits` of
     /// `qweight`, which assumes no padding rows; use [`Self::from_tensors_with_shape`] otherwise.
+    ///
+    /// Fails with [`Error::MissingTensor`], [`Error::Dtype`] or [`Error::Shape`] when a tensor is
+    /// absent or does not agree with `config` and the others, and with [`Error::Config`] for a
+    /// `g_idx` naming a group that does not exist, or none under `desc_act`.
     pub fn from_tensors(file: &TensorFile, prefix: &str, config: GptqConfig) -> Result<Self> {
         load::read(file, prefix, config, None)
     }
@@ -69,7 +73,8 @@ impl GptqWeight {
     }
 
     /// Loads `module_prefix` (with or without its trailing dot) from `dir/model.safetensors`,
-    /// with the configuration from `dir/quantize_config.json` or `dir/config.json`.
+    /// with the configuration from `dir/quantize_config.json` or `dir/config.json`. Fails as
+    /// [`GptqConfig::from_dir`] and [`Self::from_tensors`] do, or with [`Error::Io`].
     pub fn load(dir: &Path, module_prefix: &str) -> Result<Self> {
         let config = GptqConfig::from_dir(dir)?;
         let file = TensorFile::open(dir.join("model.safetensors"))?;

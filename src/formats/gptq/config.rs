@@ -70,6 +70,11 @@ impl GptqConfig {
     ///
     /// Missing keys take AutoGPTQ's defaults: group_size -1, sym true, and format v1. A missing
     /// desc_act reads as false; it only matters for files without `g_idx`.
+    ///
+    /// Fails with [`Error::Config`] for a `quant_method` other than GPTQ, `bits` missing or not
+    /// 2, 3, 4 or 8, `group_size` 0, or a value of the wrong type, and with
+    /// [`Error::Unsupported`] for Marlin, BitBLAS, a non-int32 pack dtype or per-module
+    /// `dynamic` overrides.
     pub fn from_json(value: &Value) -> Result<Self> {
         let obj = value
             .as_object()
@@ -105,7 +110,8 @@ impl GptqConfig {
         Self::from_json(block).map_err(|e| in_file(path, e))
     }
 
-    /// Reads `quantize_config.json` from a checkpoint directory, or else `config.json`.
+    /// Reads `quantize_config.json` from a checkpoint directory, or else `config.json`; fails
+    /// with [`Error::Config`] when neither exists and as [`Self::from_json`] otherwise.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let quantize_config = dir.join("quantize_config.json");
         if quantize_config.is_file() {
