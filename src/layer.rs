@@ -30,7 +30,9 @@ use crate::tensor::Matrix;
 /// Where a layer runs.
 #[derive(Clone, Debug)]
 pub enum Backend {
+    /// The CPU reference: forwards and merges in f32 on the host.
     Cpu,
+    /// A GPU context: the base weight and adapters are uploaded when added.
     Gpu(Box<GpuContext>),
 }
 
@@ -148,6 +150,8 @@ fn adapter_error(name: &str, reason: impl Into<String>) -> Error {
 }
 
 impl QuantLinear {
+    /// A layer of `base` with no adapters; on [`Backend::Gpu`] the weight is uploaded now
+    /// (failing with a GPU error if the device refuses it).
     pub fn new(base: QuantWeight, backend: Backend) -> Result<Self> {
         let gpu = match backend {
             Backend::Cpu => None,
@@ -177,18 +181,23 @@ impl QuantLinear {
         self.gpu.as_ref().is_none_or(|g| !g.ctx.is_lost())
     }
 
+    /// The current base weight, with any merged adapters folded in.
     pub fn base(&self) -> &QuantWeight {
         &self.base
     }
 
+    /// The adapter added under `name`, merged or not.
     pub fn adapter(&self, name: &str) -> Option<&Adapter> {
         self.adapters.iter().find(|a| a.name() == name)
     }
 
+    /// Names of the active adapters, in the order they apply (merged ones included).
     pub fn active_adapters(&self) -> &[String] {
         &self.active
     }
 
+    /// Names of the adapters merged into the base, oldest first ([`Self::unmerge`] undoes
+    /// the last).
     pub fn merged_adapters(&self) -> Vec<&str> {
         self.merged.iter().map(|m| m.name.as_str()).collect()
     }
@@ -198,7 +207,8 @@ impl QuantLinear {
         self.merged.first().map_or(&self.base, |m| &m.previous)
     }
 
-    /// Adds an adapter (not yet active). Its shape must match the layer.
+    /// Adds an adapter (not yet active). Its shape must match the layer. Fails with
+    /// [`Error::Adapter`] for a name already taken (or [`BASE_ONLY`]) or a shape that does not fit.
     pub fn add_adapter(&mut self, adapter: Adapter) -> Result<()> {
         let name = adapter.name().to_string();
         if name == BASE_ONLY || self.adapter(&name).is_some() {
@@ -232,7 +242,8 @@ impl QuantLinear {
         Ok(())
     }
 
-    /// Removes an adapter; a merged one must be unmerged first.
+    /// Removes an adapter; a merged one must be unmerged first. Fails with [`Error::Adapter`]
+    /// for an unknown or merged adapter.
     pub fn remove_adapter(&mut self, name: &str) -> Result<()> {
         if self.merged.iter().any(|m| m.name == name) {
             return Err(adapter_error(
@@ -255,7 +266,8 @@ impl QuantLinear {
     }
 
     /// Sets the active adapters, in order: OFT rotations compose in this order on the input,
-    /// LoRA terms add on the output.
+    /// LoRA terms add on the output. Fails with [`Error::Adapter`] for an unknown name, leaving
+    /// the active set as it was.
     pub fn set_active(&mut self, names: &[&str]) -> Result<()> {
         for n in names {
             if self.adapter(n).is_none() {
@@ -381,7 +393,9 @@ impl QuantLinear {
     /// The plan of one forward of `x` into `y` with the active adapters: built once for these
     /// tensors and the layer's state, then reused until the state changes (adapters, active
     /// set, enabling, fusion, merges). The layer holds its plans, and with them the tensors'
-    /// buffers, until then or [`Self::clear_plans`].
+    /// buffers, until then or [`Self::clear_plans`]. Fails with [`Error::Shape`] unless
+    /// `x: [m, in]` and `y: [m, out]` share rows and dtype, and with [`Error::Unsupported`] on a
+    /// CPU layer or when `x` and `y` are views of one buffer.
     pub fn prepare_forward(&self, x: &GpuTensor, y: &GpuTensor) -> Result<Arc<ForwardPlan>> {
         let gpu = self.gpu_state()?;
         check_distinct_buffers(x, y)?;
@@ -446,6 +460,7 @@ impl QuantLinear {
         self.invalidate_plans();
     }
 
+    /// The fusion setting GPU forwards use (default [`Fusion::Auto`]).
     pub fn fusion(&self) -> Fusion {
         self.fusion
     }
@@ -839,6 +854,7 @@ impl QuantLinear {
         Ok(self.merged.pop().map(|m| m.name))
     }
 
+    /// Unmerges every merged adapter, newest first, restoring the original base.
     pub fn unmerge_all(&mut self) -> Result<()> {
         while self.unmerge()?.is_some() {}
         Ok(())

@@ -5,12 +5,17 @@ use crate::error::{Error, Result};
 /// A row-major `rows x cols` matrix of f32 (weights are `[out, in]`, activations `[batch, in]`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Matrix {
+    /// Number of rows (output features of a weight, batch rows of an activation).
     pub rows: usize,
+    /// Number of columns (elements per row).
     pub cols: usize,
+    /// The `rows * cols` elements, row after row.
     pub data: Vec<f32>,
 }
 
 impl Matrix {
+    /// Wraps row-major `data`; fails with [`Error::Shape`] unless it holds exactly
+    /// `rows * cols` elements.
     pub fn new(rows: usize, cols: usize, data: Vec<f32>) -> Result<Self> {
         if rows.checked_mul(cols) != Some(data.len()) {
             return Err(Error::shape(
@@ -22,6 +27,7 @@ impl Matrix {
         Ok(Self { rows, cols, data })
     }
 
+    /// A `rows x cols` matrix of zeros.
     pub fn zeros(rows: usize, cols: usize) -> Self {
         Self {
             rows,
@@ -41,6 +47,7 @@ impl Matrix {
         Self { rows, cols, data }
     }
 
+    /// The `n x n` identity.
     pub fn identity(n: usize) -> Self {
         let mut m = Self::zeros(n, n);
         for i in 0..n {
@@ -49,18 +56,22 @@ impl Matrix {
         m
     }
 
+    /// Row `r` as a slice of `cols` elements. Panics if `r >= rows`.
     pub fn row(&self, r: usize) -> &[f32] {
         &self.data[r * self.cols..(r + 1) * self.cols]
     }
 
+    /// Row `r`, mutable. Panics if `r >= rows`.
     pub fn row_mut(&mut self, r: usize) -> &mut [f32] {
         &mut self.data[r * self.cols..(r + 1) * self.cols]
     }
 
+    /// The element at row `r`, column `c`. Panics if out of bounds.
     pub fn at(&self, r: usize, c: usize) -> f32 {
         self.data[r * self.cols + c]
     }
 
+    /// A new `cols x rows` matrix with rows and columns swapped.
     pub fn transpose(&self) -> Self {
         let mut t = Self::zeros(self.cols, self.rows);
         for r in 0..self.rows {
@@ -72,7 +83,8 @@ impl Matrix {
     }
 
     /// `self · otherᵀ` with f64 accumulation: `[m, k] x [n, k] -> [m, n]`
-    /// (an activation times an `[out, in]` weight).
+    /// (an activation times an `[out, in]` weight). Fails with [`Error::Shape`] unless both
+    /// have `k` columns.
     pub fn matmul_t(&self, other: &Matrix) -> Result<Matrix> {
         if self.cols != other.cols {
             return Err(Error::shape(
@@ -93,7 +105,8 @@ impl Matrix {
         Ok(out)
     }
 
-    /// `self · other` with f64 accumulation: `[m, k] x [k, n] -> [m, n]`.
+    /// `self · other` with f64 accumulation: `[m, k] x [k, n] -> [m, n]`. Fails with
+    /// [`Error::Shape`] unless `other` has `k` rows.
     pub fn matmul(&self, other: &Matrix) -> Result<Matrix> {
         self.matmul_t(&other.transpose())
     }
@@ -114,6 +127,7 @@ impl Matrix {
         }
     }
 
+    /// Frobenius norm `sqrt(Σ v²)`, accumulated in f64.
     pub fn frobenius(&self) -> f64 {
         self.data
             .iter()

@@ -1,4 +1,5 @@
-//! The quantized base matmuls alone (`GpuQuantWeight`), one per format the issue names.
+//! The quantized base matmuls alone (`GpuQuantWeight`): 4- and 8-bit HQQ, 4-bit GPTQ and EETQ
+//! int8.
 
 use crate::bench::entry::{Entry, Group};
 use crate::bench::matmul::time_matmul;

@@ -33,27 +33,38 @@ pub enum Timing {
 /// One row of the report. Shape and M are 0 where an item has none.
 #[derive(Clone, Debug, Serialize)]
 pub struct Entry {
+    /// The part of the suite it belongs to.
     pub group: Group,
+    /// What was measured, e.g. `layer hqq4` (the same name at every shape and M).
     pub name: String,
+    /// Output features (weight rows) of the measured layer.
     pub out_features: usize,
+    /// Input features (weight columns) of the measured layer.
     pub in_features: usize,
+    /// Activation rows (tokens) per run.
     pub m: usize,
     /// Kernel launches per run (0 for wall-clock items, which do not count them).
     pub launches: usize,
+    /// How [`Self::us`] was taken.
     pub timing: Timing,
-    /// Copies of the data that rotated, and runs recorded back to back per trial (1 and 1 for
+    /// Copies of the data that rotated, so that no run finds its weights in cache (1 for
     /// wall-clock items).
     pub copies: usize,
+    /// Runs recorded back to back per trial (1 for wall-clock items).
     pub runs_per_trial: usize,
     /// Microseconds per run.
     pub us: f64,
     /// Bytes a run must move at least: weights and adapter parameters, x, y, and each
     /// intermediate written and read back once.
     pub bytes: f64,
+    /// Floating-point operations per run (a multiply-add counts 2).
     pub flops: f64,
     /// Bytes the item keeps resident on the GPU (weights, metadata, bias, adapters).
     pub resident_bytes: usize,
+    /// Achieved bandwidth, [`Self::bytes`] over [`Self::us`], in GB/s (10^9 bytes); `None` where
+    /// `bytes` is 0.
     pub gb_per_s: Option<f64>,
+    /// Achieved FLOP rate in GFLOP/s; `None` where `flops` is 0.
     pub gflop_per_s: Option<f64>,
     /// Achieved bandwidth as a percentage of the streaming-read yardstick of the same run.
     pub pct_read_roofline: Option<f64>,
@@ -61,8 +72,10 @@ pub struct Entry {
     pub pct_fma_ceiling: Option<f64>,
     /// Dense f16 time at the same shape and M over this item's time.
     pub speedup_vs_dense_f16: Option<f64>,
-    /// The item of the same shape and M this one is compared with, and this time over its time.
+    /// Name of the item of the same shape and M this one is compared with.
     pub baseline: Option<String>,
+    /// This item's time over the baseline's (below 1 is faster); `None` without a baseline or
+    /// where it was not measured.
     pub ratio_to_baseline: Option<f64>,
 }
 

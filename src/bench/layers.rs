@@ -16,6 +16,7 @@ use crate::kernels::quant::GpuQuantWeight;
 use crate::layer::{Backend, Fusion, QuantLinear};
 use crate::tensor::Matrix;
 
+/// The name of the 4-bit HQQ layer forward with no adapter.
 pub const BARE_LAYER: &str = "layer hqq4";
 
 fn fusion_name(fusion: Fusion) -> &'static str {

@@ -13,7 +13,9 @@ use crate::gpu::GpuContext;
 use crate::kernels::hqq_quantize::quantize_on_gpu;
 use crate::tensor::Matrix;
 
+/// The name of the wall-clock GPU re-quantization of a 4-bit HQQ weight.
 pub const REQUANTIZE: &str = "hqq4 re-quantization (GPU solver)";
+/// The name of the wall-clock merge then unmerge of an OFT adapter (b = 32) on a GPU layer.
 pub const MERGE_UNMERGE: &str = "hqq4 merge + unmerge oft b32";
 
 pub fn merges(

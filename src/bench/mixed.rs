@@ -13,7 +13,9 @@ use crate::kernels::quant::GpuQuantWeight;
 use crate::layer::Fusion;
 use crate::tensor::Matrix;
 
+/// The name of the mixed batch whose 16 rows each use their own LoRA adapter.
 pub const MIXED_MANY: &str = "mixed batch, 16 lora r16 adapters";
+/// The name of the same mixed batch with every row on one LoRA adapter.
 pub const MIXED_ONE: &str = "mixed batch, 1 lora r16 adapter";
 
 /// Both mixed batches over a 4-bit HQQ quantization of `weight`; their baseline is the plain

@@ -10,7 +10,7 @@ use crate::gpu::timing::Trials;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Scale {
-    /// The shapes of issue 9 (4096x4096, 14336x4096, 4096x14336; M up to 4096): a real GPU.
+    /// 8B-class model shapes (4096x4096, 14336x4096, 4096x14336; M up to 4096): a real GPU.
     Full,
     /// Every dimension divided by 16 and M capped at 64, so a software adapter finishes in
     /// minutes.
@@ -29,6 +29,7 @@ impl Scale {
         }
     }
 
+    /// The scale as `quantadapt bench --scale` and the report spell it.
     pub fn name(self) -> &'static str {
         match self {
             Self::Full => "full",
@@ -47,6 +48,7 @@ pub const LORA_RANK: usize = 16;
 /// The measurements of one scale.
 #[derive(Clone, Debug)]
 pub struct Plan {
+    /// The scale this plan was made for.
     pub scale: Scale,
     /// `(out, in)` of every matmul shape.
     pub shapes: Vec<(usize, usize)>,
@@ -56,15 +58,18 @@ pub struct Plan {
     pub layer_rows: Vec<usize>,
     /// Bytes the streaming-read yardstick reads per launch.
     pub stream_bytes: usize,
-    /// Invocations and steps of the FMA yardstick.
+    /// Invocations (threads) of the FMA yardstick's launch.
     pub fma_invocations: usize,
+    /// Steps each invocation runs; a step is 16 dependent-free FMAs (four vec4 chains).
     pub fma_steps: usize,
     /// Copies of each item's data rotate until they hold at least this many bytes (so the
     /// working set exceeds the last-level cache), up to `max_copies`.
     pub rotate_bytes: usize,
+    /// The most copies an item rotates, whatever its size.
     pub max_copies: usize,
     /// Each timed trial records enough runs to last about this long, up to `max_runs`.
     pub trial_us: f64,
+    /// The most runs one trial records (rounded up to a whole rotation of the copies).
     pub max_runs: usize,
     /// The first warm-up trial is one rotation that also sizes the others.
     pub trials: Trials,
@@ -75,6 +80,7 @@ pub struct Plan {
 const MIB: usize = 1 << 20;
 
 impl Plan {
+    /// The measurements of `scale`.
     pub fn new(scale: Scale) -> Self {
         let full_shapes = [(4096, 4096), (14336, 4096), (4096, 14336)];
         match scale {

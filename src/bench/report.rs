@@ -11,19 +11,26 @@ use crate::bench::plan::Scale;
 use crate::bench::targets::{TargetCheck, Verdict};
 use crate::error::{Error, Result};
 
+/// The results of one run of the suite.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
+    /// The GPU adapter, its backend and the optional features in use.
     pub device: String,
     /// A CPU rasterizer (lavapipe): its times are CPU times, not GPU figures.
     pub software_adapter: bool,
     /// UTC, `YYYY-MM-DD`.
     pub date: String,
+    /// The command line that reproduces the run.
     pub command: String,
+    /// The scale the suite ran at.
     pub scale: Scale,
-    /// The streaming-read yardstick and the FMA yardstick of this run.
+    /// The streaming-read yardstick of this run, in GB/s: the read roofline.
     pub read_gb_per_s: f64,
+    /// The FMA yardstick of this run, in GFLOP/s: the compute ceiling.
     pub fma_gflop_per_s: f64,
+    /// Every measured item, yardsticks first, with its ratios filled.
     pub entries: Vec<Entry>,
+    /// Every performance target checked against the entries it applies to.
     pub targets: Vec<TargetCheck>,
 }
 
@@ -254,10 +261,12 @@ impl Report {
         out
     }
 
+    /// Writes [`Self::markdown`] to `path`; fails with [`Error::Io`].
     pub fn write_markdown(&self, path: &Path) -> Result<()> {
         write_file(path, self.markdown().as_bytes())
     }
 
+    /// Writes the report as pretty-printed JSON to `path`; fails with [`Error::Io`].
     pub fn write_json(&self, path: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self).map_err(|e| Error::Io {
             path: path.display().to_string(),

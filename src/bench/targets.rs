@@ -1,4 +1,4 @@
-//! The performance targets, each judged from entries of the same run. On a software
+//! The suite's performance targets, each judged from entries of the same run. On a software
 //! adapter they are shown but not judged: its figures are CPU times.
 
 use serde::Serialize;
@@ -14,7 +14,9 @@ use crate::layer::Fusion;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
+    /// The value is within the bound.
     Pass,
+    /// The value is past the bound.
     Miss,
     /// Measured on a software adapter, where the targets (set for an H100) do not apply.
     NotJudged,
@@ -23,14 +25,19 @@ pub enum Verdict {
 /// One target checked against one measured item.
 #[derive(Clone, Debug, Serialize)]
 pub struct TargetCheck {
+    /// The target as text, e.g. `4-bit HQQ GEMV at M=1: >= 90% of the read roofline`.
     pub target: &'static str,
     /// The item and shape the value comes from.
     pub item: String,
+    /// The measured value, in [`Self::unit`].
     pub value: f64,
-    /// `>=` or `<=` the threshold.
+    /// True if the value must be `>=` the threshold, false if `<=`.
     pub at_least: bool,
+    /// The bound, in [`Self::unit`].
     pub threshold: f64,
+    /// `%` (of a yardstick) or `x` (a ratio of times).
     pub unit: &'static str,
+    /// Whether the bound was met.
     pub verdict: Verdict,
 }
 

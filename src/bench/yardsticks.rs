@@ -12,7 +12,9 @@ use crate::kernels::fma::GpuFmaPeak;
 use crate::kernels::stream::GpuStreamRead;
 use crate::tensor::Matrix;
 
+/// The name of the streaming-read bandwidth yardstick.
 pub const STREAM_READ: &str = "stream read";
+/// The name of the f32 FMA throughput yardstick.
 pub const FMA_PEAK: &str = "f32 FMA peak";
 
 /// One read of `plan.stream_bytes` (a buffer big enough to rotate by itself), or of as much as

@@ -83,18 +83,24 @@ fn swap_middle_bytes(index: usize) -> usize {
 /// An EETQ int8 linear layer with its codes in plain row-major order.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EetqWeight {
+    /// K: inputs per row of x.
     pub in_features: usize,
+    /// N: outputs, each with its own scale.
     pub out_features: usize,
     /// Row-major `[in, out]`.
     pub codes: Vec<i8>,
     /// `[out]`, f16 values.
     pub scales: Vec<f32>,
+    /// `[out]`, added after the scaling.
     pub bias: Option<Vec<f32>>,
 }
 
 impl EetqWeight {
     /// Loads `weight` (int8 `[in, out]` in `layout`), `weight_scales` (f16 `[out]`) and the
-    /// optional `bias` stored under `prefix`.
+    /// optional `bias` stored under `prefix`. Fails with [`Error::MissingTensor`],
+    /// [`Error::Dtype`], or [`Error::Shape`] when a tensor is absent, of another dtype, or of
+    /// a shape `layout` cannot hold (CUTLASS: `in` a multiple of 64, `out` even), and with
+    /// [`Error::NonFinite`] for a NaN or infinite scale or bias.
     pub fn from_tensors(file: &TensorFile, prefix: &str, layout: EetqLayout) -> Result<Self> {
         let weight = file.get(&format!("{prefix}weight"))?;
         let [in_features, out_features] = match weight.shape[..] {
@@ -126,7 +132,9 @@ impl EetqWeight {
     }
 
     /// Loads `module_prefix` (with or without its trailing dot) from `dir/model.safetensors`
-    /// after checking `dir/config.json` says EETQ, assuming the sm75-sm89 layout.
+    /// after checking `dir/config.json` says EETQ, assuming the sm75-sm89 layout. Fails with
+    /// [`Error::Io`], [`Error::Config`] for a config that is not EETQ, or as
+    /// [`Self::from_tensors`].
     pub fn load(dir: &Path, module_prefix: &str) -> Result<Self> {
         let config = dir.join("config.json");
         check_config(&read_json(&config)?, &config.display().to_string())?;
@@ -136,7 +144,8 @@ impl EetqWeight {
 
     /// EETQ's quantizer on a dense `[out, in]` weight: per output channel `amax` over the inputs,
     /// `scale = f16(amax / 128)`, `q = clamp(round(w / (amax / 128)), -128, 127)` in f32 with
-    /// rounding half away from zero. No bias.
+    /// rounding half away from zero. No bias. Fails with [`Error::NonFinite`] for NaN or
+    /// infinite weights and [`Error::Shape`] for an empty matrix.
     pub fn quantize(w: &Matrix) -> Result<Self> {
         check_finite("weight", &w.data)?;
         let (out_features, in_features) = (w.rows, w.cols);

@@ -27,8 +27,11 @@ use crate::tensor::{Matrix, round_f16};
 /// A GPTQ-quantized linear layer.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GptqWeight {
+    /// Bit width, grouping and zero-point convention of the codes.
     pub config: GptqConfig,
+    /// K: inputs per row of x.
     pub in_features: usize,
+    /// N: outputs.
     pub out_features: usize,
     /// Row-major `[ceil(K*bits/32), N]`, the raw bits of the int32 words.
     pub qweight: Vec<u32>,
@@ -38,7 +41,9 @@ pub struct GptqWeight {
     pub scales: Vec<f32>,
     /// `[K]`: the group of each input.
     pub g_idx: Vec<u32>,
+    /// `[N]`, added to the output.
     pub bias: Option<Vec<f32>>,
+    /// G: rows of `scales` and `qzeros`, `ceil(K / group_size)` (1 without grouping).
     pub groups: usize,
 }
 
@@ -47,6 +52,10 @@ impl GptqWeight {
     ///
     /// in_features is the length of `g_idx`; without `g_idx` it is `rows * 32 / bits` of
     /// `qweight`, which assumes no padding rows; use [`Self::from_tensors_with_shape`] otherwise.
+    ///
+    /// Fails with [`Error::MissingTensor`], [`Error::Dtype`] or [`Error::Shape`] when a tensor is
+    /// absent or does not agree with `config` and the others, and with [`Error::Config`] for a
+    /// `g_idx` naming a group that does not exist, or none under `desc_act`.
     pub fn from_tensors(file: &TensorFile, prefix: &str, config: GptqConfig) -> Result<Self> {
         load::read(file, prefix, config, None)
     }
@@ -64,7 +73,8 @@ impl GptqWeight {
     }
 
     /// Loads `module_prefix` (with or without its trailing dot) from `dir/model.safetensors`,
-    /// with the configuration from `dir/quantize_config.json` or `dir/config.json`.
+    /// with the configuration from `dir/quantize_config.json` or `dir/config.json`. Fails as
+    /// [`GptqConfig::from_dir`] and [`Self::from_tensors`] do, or with [`Error::Io`].
     pub fn load(dir: &Path, module_prefix: &str) -> Result<Self> {
         let config = GptqConfig::from_dir(dir)?;
         let file = TensorFile::open(dir.join("model.safetensors"))?;

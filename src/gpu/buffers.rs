@@ -222,7 +222,7 @@ impl GpuTensor {
             return fail("a buffer with STORAGE usage".into());
         }
         let align = ctx.limits().min_storage_buffer_offset_alignment as u64;
-        if offset % align != 0 {
+        if !offset.is_multiple_of(align) {
             return fail(format!(
                 "an offset that is a multiple of this device's \
                  min_storage_buffer_offset_alignment ({align} bytes) [offset, rows, cols]"

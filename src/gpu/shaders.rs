@@ -104,6 +104,7 @@ const FILES: &[(&str, &str)] = &[
 pub struct ShaderKey {
     /// The file `shaders/<family>.wgsl`.
     pub family: &'static str,
+    /// The `@compute` entry point to build a pipeline from.
     pub entry: &'static str,
     /// Names switched on for `#ifdef`.
     pub flags: Vec<&'static str>,
@@ -114,6 +115,8 @@ pub struct ShaderKey {
 }
 
 impl ShaderKey {
+    /// Entry point `entry` of `shaders/<family>.wgsl` on `act` activations, with no flags or
+    /// constants.
     pub fn new(family: &'static str, entry: &'static str, act: ActDtype) -> Self {
         Self {
             family,
@@ -124,6 +127,7 @@ impl ShaderKey {
         }
     }
 
+    /// Switches on `#ifdef name` blocks when `on` (nothing otherwise).
     pub fn flag(mut self, name: &'static str, on: bool) -> Self {
         if on {
             self.flags.push(name);
@@ -131,6 +135,7 @@ impl ShaderKey {
         self
     }
 
+    /// Prepends `const name: u32 = value;` (workgroup sizes, tile shapes, bit widths).
     pub fn constant(mut self, name: &'static str, value: u32) -> Self {
         self.consts.push((name, value));
         self
@@ -141,6 +146,7 @@ impl ShaderKey {
         self.act == ActDtype::F16 || self.flags.contains(&"F16")
     }
 
+    /// Whether the specialization needs the SUBGROUP feature (the `SUBGROUP` flag is on).
     pub fn needs_subgroups(&self) -> bool {
         self.flags.contains(&"SUBGROUP")
     }

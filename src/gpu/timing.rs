@@ -57,7 +57,9 @@ pub fn time_pass(
 /// How often a measurement repeats: `warmup` trials are run and dropped, then `trials` are kept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Trials {
+    /// Trials run first and dropped (pipeline compilation, clocks ramping up).
     pub warmup: usize,
+    /// Trials kept; at least 1.
     pub trials: usize,
 }
 

@@ -39,6 +39,8 @@ fn key(path: MatmulPath, act: ActDtype, rows: usize) -> ShaderKey {
         .constant("BLOCK", block)
 }
 
+/// Every specialization of the dense f16 yardstick matmul (GEMV and tiled, f32 and f16
+/// activations), for [`catalogue`](super::catalogue).
 pub fn shader_keys() -> Vec<ShaderKey> {
     let mut keys = Vec::new();
     for act in [ActDtype::F32, ActDtype::F16] {
@@ -54,7 +56,9 @@ pub fn shader_keys() -> Vec<ShaderKey> {
 /// A dense weight resident on the GPU as f16, two values per word, rows padded to whole words.
 #[derive(Debug)]
 pub struct GpuDenseWeight {
+    /// Rows of the weight and columns of y.
     pub out_features: usize,
+    /// Columns of the weight and of x.
     pub in_features: usize,
     weight: wgpu::Buffer,
     bias: wgpu::Buffer,
@@ -105,7 +109,9 @@ impl GpuDenseWeight {
         self.resident_bytes
     }
 
-    /// Binds `y = x · Wᵀ + bias` for `x: [m, in]`, `y: [m, out]` on `path`.
+    /// Binds `y = x · Wᵀ + bias` for `x: [m, in]`, `y: [m, out]` on `path`. Fails with
+    /// [`Error::Shape`] when `x` or `y` does not fit, and with [`Error::Unsupported`] for the
+    /// GEMV past its row limit or a grid too large.
     pub fn prepare(
         &self,
         ctx: &GpuContext,

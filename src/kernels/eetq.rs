@@ -18,6 +18,8 @@ pub(crate) fn shader(word_units: bool) -> FormatShader {
     }
 }
 
+/// Every specialization of EETQ's quantized matmul family (element and word decoding), for
+/// [`catalogue`](super::catalogue).
 pub fn shader_keys() -> Vec<ShaderKey> {
     let mut keys = shader(false).keys();
     keys.extend(shader(true).keys());

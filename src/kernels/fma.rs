@@ -30,6 +30,7 @@ fn key() -> ShaderKey {
     ShaderKey::new("fma_peak", "main", ActDtype::F32).constant("WG", WORKGROUP)
 }
 
+/// Every specialization of the FMA yardstick, for [`catalogue`](super::catalogue).
 pub fn shader_keys() -> Vec<ShaderKey> {
     vec![key()]
 }
@@ -44,6 +45,9 @@ pub struct GpuFmaPeak {
 }
 
 impl GpuFmaPeak {
+    /// Allocates the parameters and one f32 output per invocation. Fails with
+    /// [`Error::Config`] for zero invocations or steps and [`Error::Unsupported`] past
+    /// `u32::MAX`.
     pub fn new(ctx: &GpuContext, invocations: usize, iterations: usize) -> Result<Self> {
         let (Ok(inv), Ok(iters)) = (u32::try_from(invocations), u32::try_from(iterations)) else {
             return Err(Error::Unsupported(format!(
@@ -74,6 +78,7 @@ impl GpuFmaPeak {
         2.0 * FMAS_PER_STEP * self.iterations as f64 * self.invocations as f64
     }
 
+    /// The launch, ready to record (all chains at once, 256 invocations per workgroup).
     pub fn prepare(&self, ctx: &GpuContext) -> Result<Dispatch> {
         let pipeline = ctx.pipeline(&key())?;
         let bind = bind(ctx, &pipeline, &[(0, &self.params), (1, &self.out)])?;

@@ -25,7 +25,9 @@ struct FusedParams {
 pub struct OftPrologue<'a> {
     /// The distinct `b x b` blocks, row-major (one when shared).
     pub blocks: &'a wgpu::Buffer,
+    /// `b`: rows and columns of each block; x's columns rotate in consecutive runs of `b`.
     pub block_size: usize,
+    /// Blocks in `blocks`: 1 when one block is shared by every run, else `in / b`.
     pub stored_blocks: usize,
 }
 
@@ -38,17 +40,25 @@ pub enum LoraEpilogue<'a> {
         h: &'a wgpu::Buffer,
         /// `[out, rank]`.
         b: &'a wgpu::Buffer,
+        /// `[out]` f32, DoRA's per-output rescale (magnitude / row norm of `W + s·B·A`);
+        /// `None` for plain LoRA.
         dora_scale: Option<&'a wgpu::Buffer>,
+        /// `r`: columns of `h` and of `b`.
         rank: usize,
+        /// `s` in `s·(h·Bᵀ)` (`alpha / r`, or `alpha / sqrt(r)` for rsLoRA).
         scaling: f32,
     },
     /// Each row's own adapter (or none) in a mixed batch, from its slot table (`kernels::mixed`).
     PerRow {
         /// `[m, max_rank]` f32, from the mixed batch's shrink launch.
         h: &'a wgpu::Buffer,
+        /// `[m]` u32: each row's slot in `table`, or `kernels::mixed::NONE` for the base alone.
         row_slots: &'a wgpu::Buffer,
+        /// The slot table of the layer's packed adapters (kind, offsets, rank, scaling, DoRA).
         table: &'a wgpu::Buffer,
+        /// Every adapter's f32 parameters, packed; `table` holds the offsets into it.
         weights: &'a wgpu::Buffer,
+        /// The largest rank among the slots: the row stride of `h`.
         max_rank: usize,
     },
 }
@@ -56,11 +66,14 @@ pub enum LoraEpilogue<'a> {
 /// Which kind of LoRA epilogue a specialization carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EpilogueKind {
+    /// [`LoraEpilogue::Single`].
     Single,
+    /// [`LoraEpilogue::PerRow`].
     PerRow,
 }
 
 impl EpilogueKind {
+    /// Every kind, for enumerating specializations.
     pub const ALL: [Self; 2] = [Self::Single, Self::PerRow];
 
     /// Storage buffers the epilogue adds to a launch.
@@ -73,6 +86,7 @@ impl EpilogueKind {
 }
 
 impl LoraEpilogue<'_> {
+    /// Which specialization this epilogue needs.
     pub fn kind(&self) -> EpilogueKind {
         match self {
             Self::Single { .. } => EpilogueKind::Single,
@@ -84,15 +98,19 @@ impl LoraEpilogue<'_> {
 /// What one matmul launch fuses; the default fuses nothing.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Fused<'a> {
+    /// A rotation of x before the product (GEMV path only).
     pub oft: Option<OftPrologue<'a>>,
+    /// LoRA / DoRA terms added to the product before it is written.
     pub lora: Option<LoraEpilogue<'a>>,
 }
 
 impl Fused<'_> {
+    /// True when nothing is fused: the plain matmul.
     pub fn is_empty(&self) -> bool {
         self.oft.is_none() && self.lora.is_none()
     }
 
+    /// The kind of the LoRA epilogue, if there is one.
     pub fn epilogue_kind(&self) -> Option<EpilogueKind> {
         self.lora.map(|l| l.kind())
     }

@@ -18,10 +18,10 @@ struct GptqParams {
     pad: [u32; 3],
 }
 
-/// The specialization for `bits` (2, 3, 4 or 8) and the zero convention (`v1`: stored minus one).
 /// Bit widths whose GEMV can decode a qweight word at a time: fields never straddle words.
 const WORD_BITS: [u32; 3] = [2, 4, 8];
 
+/// The specialization for `bits` (2, 3, 4 or 8) and the zero convention (`v1`: stored minus one).
 pub(crate) fn shader(bits: u32, v1: bool, word_units: bool) -> FormatShader {
     FormatShader {
         flag: "GPTQ",
@@ -34,6 +34,8 @@ pub(crate) fn shader(bits: u32, v1: bool, word_units: bool) -> FormatShader {
     }
 }
 
+/// Every specialization of GPTQ's quantized matmul family (every bit width and zero convention),
+/// for [`catalogue`](super::catalogue).
 pub fn shader_keys() -> Vec<ShaderKey> {
     let mut keys = Vec::new();
     for bits in [2, 3, 4, 8] {

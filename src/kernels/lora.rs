@@ -29,6 +29,8 @@ fn key(entry: &'static str, act: ActDtype) -> ShaderKey {
     ShaderKey::new("lora", entry, act)
 }
 
+/// Every specialization of the LoRA shrink and expand kernels, for f32 and f16 activations, for
+/// [`catalogue`](super::catalogue).
 pub fn shader_keys() -> Vec<ShaderKey> {
     let mut keys = Vec::new();
     for act in [ActDtype::F32, ActDtype::F16] {
@@ -41,8 +43,11 @@ pub fn shader_keys() -> Vec<ShaderKey> {
 /// A LoRA (or DoRA) adapter resident on the GPU.
 #[derive(Debug)]
 pub struct GpuLora {
+    /// Columns of `A` (the layer's inputs).
     pub in_features: usize,
+    /// Rows of `B` (the layer's outputs).
     pub out_features: usize,
+    /// `r`: rows of `A`, columns of `B`.
     pub rank: usize,
     scaling: f32,
     a: wgpu::Buffer,
@@ -51,7 +56,9 @@ pub struct GpuLora {
 }
 
 impl GpuLora {
-    /// `a: [r, in]`, `b: [out, r]`; `dora_scale` = magnitude / row norm of `W + s·B·A`, per output.
+    /// `a: [r, in]`, `b: [out, r]`; `dora_scale` = magnitude / row norm of `W + s·B·A`, per
+    /// output. Fails with [`Error::Shape`] for rank 0, `b` without `r` columns, or a DoRA
+    /// scale that is not `[out]`.
     pub fn upload(
         ctx: &GpuContext,
         a: &Matrix,
@@ -144,7 +151,9 @@ impl GpuLora {
     }
 
     /// Binds `y += s · (x Aᵀ) Bᵀ` (or DoRA's rescale) for `x: [m, in]`, `y: [m, out]`.
-    /// `bias` is the base layer's bias buffer (DoRA leaves it out of the rescale).
+    /// `bias` is the base layer's bias buffer (DoRA leaves it out of the rescale). Returns the
+    /// shrink and expand launches, in order. Fails with [`Error::Shape`] when `x` or `y` does
+    /// not fit the adapter.
     pub fn prepare(
         &self,
         ctx: &GpuContext,

@@ -29,14 +29,20 @@ struct MergeParams {
 pub enum MergeDelta<'a> {
     /// `W · blockdiag(R)ᵀ`: the distinct `b x b` blocks, row-major (one when shared).
     Oft {
+        /// `stored x b x b` values; `stored` is 1 or `in / b`.
         blocks: &'a [f32],
+        /// `b`: rows and columns of each block; must divide `in`.
         block_size: usize,
     },
     /// `g ⊙ (W + s·B·A)`, `g` = DoRA's magnitude / norm per output row (1 for LoRA).
     Lora {
+        /// The down projection, `[r, in]`.
         a: &'a Matrix,
+        /// The up projection, `[out, r]`.
         b: &'a Matrix,
+        /// `s`.
         scaling: f32,
+        /// `g`, `[out]`; `None` for plain LoRA.
         dora_scale: Option<&'a [f32]>,
     },
 }
@@ -45,11 +51,15 @@ fn key(entry: &'static str) -> ShaderKey {
     ShaderKey::new("merge_apply", entry, ActDtype::F32)
 }
 
+/// Every specialization of the merge kernels (OFT and LoRA), for
+/// [`catalogue`](super::catalogue).
 pub fn shader_keys() -> Vec<ShaderKey> {
     vec![key("oft"), key("lora")]
 }
 
-/// The dense merged weight `[out, in]`: `base` dequantized and `delta` applied on the GPU.
+/// The dense merged weight `[out, in]`: `base` dequantized and `delta` applied on the GPU,
+/// then downloaded. Fails with [`Error::Shape`] when `delta` does not fit `base` (OFT blocks
+/// that do not tile the inputs, LoRA factors or DoRA scale of other sizes).
 pub fn merged_weight(
     ctx: &GpuContext,
     base: &GpuQuantWeight,

@@ -33,14 +33,20 @@ struct MixedParams {
 pub enum MixedSlot<'a> {
     /// The distinct `b x b` blocks, row-major (one when shared).
     Oft {
+        /// `stored x b x b` values.
         blocks: &'a [f32],
+        /// `b`: rows and columns of each block.
         block_size: usize,
     },
     /// `a: [r, in]`, `b: [out, r]`; `dora_scale` = magnitude / row norm, per output.
     Lora {
+        /// The down projection, `[r, in]`.
         a: &'a Matrix,
+        /// The up projection, `[out, r]`.
         b: &'a Matrix,
+        /// `s` in `s·B·A`.
         scaling: f32,
+        /// `[out]`, DoRA only.
         dora_scale: Option<&'a [f32]>,
     },
 }
@@ -49,6 +55,8 @@ fn key(entry: &'static str, act: ActDtype) -> ShaderKey {
     ShaderKey::new("mixed_adapters", entry, act)
 }
 
+/// Every specialization of the mixed-batch kernels (rotate, shrink, expand), for f32 and f16
+/// activations, for [`catalogue`](super::catalogue).
 pub fn shader_keys() -> Vec<ShaderKey> {
     let mut keys = Vec::new();
     for act in [ActDtype::F32, ActDtype::F16] {
@@ -70,6 +78,9 @@ pub struct GpuMixedAdapters {
 }
 
 impl GpuMixedAdapters {
+    /// Packs `slots` (slot `i` is table entry `i`) for a layer of `in_features` inputs and
+    /// `out_features` outputs. Fails with [`Error::Shape`] when a slot's blocks or matrices do
+    /// not fit those.
     pub fn upload(
         ctx: &GpuContext,
         in_features: usize,
@@ -180,6 +191,7 @@ impl GpuMixedAdapters {
     }
 
     /// Binds the per-row OFT rotation `x -> rotated` (rows without an OFT slot are copied).
+    /// Fails with [`Error::Shape`] unless both are `[m, in]` of one dtype.
     pub fn prepare_rotate(
         &self,
         ctx: &GpuContext,
@@ -256,7 +268,9 @@ impl GpuMixedAdapters {
         }
     }
 
-    /// Binds the per-row LoRA / DoRA terms added into `y` (rows without a LoRA slot untouched).
+    /// Binds the per-row LoRA / DoRA terms added into `y` (rows without a LoRA slot untouched):
+    /// the shrink and expand launches, in order. Fails with [`Error::Shape`] unless `x: [m, in]`
+    /// and `y: [m, out]` share rows and dtype.
     pub fn prepare_lora(
         &self,
         ctx: &GpuContext,

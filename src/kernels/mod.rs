@@ -61,7 +61,10 @@ pub(crate) fn grid(count: u32) -> (u32, u32) {
 /// Which matmul kernel runs: a GEMV for a few rows, a tiled GEMM for many.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MatmulPath {
+    /// One workgroup per [`GEMV_ROWS_PER_WORKGROUP`](quant::GEMV_ROWS_PER_WORKGROUP) output
+    /// rows, reading the weight once for up to [`GEMV_MAX_ROWS`] rows of x: the decode path.
     Gemv,
+    /// Tiled GEMM over output tiles, for any number of rows: the prefill path.
     Tiled,
 }
 
@@ -114,6 +117,7 @@ pub(crate) fn gemv_max_m(rows: usize) -> u32 {
 }
 
 impl MatmulPath {
+    /// The path a forward of `rows` rows of x takes: GEMV up to [`GEMV_MAX_ROWS`], tiled beyond.
     pub fn for_rows(rows: usize) -> Self {
         if rows <= GEMV_MAX_ROWS {
             Self::Gemv
@@ -187,6 +191,7 @@ impl Dispatch {
         self.launches.len()
     }
 
+    /// Records every launch, in order, into a compute pass the caller has begun.
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
         for launch in &self.launches {
             pass.set_pipeline(&launch.pipeline);

@@ -52,6 +52,8 @@ struct MatmulParams {
 pub struct FormatShader {
     /// `HQQ`, `GPTQ` or `EETQ`: the `#ifdef` that pulls in `shaders/formats/<format>.wgsl`.
     pub flag: &'static str,
+    /// The format's `const` values (bit width, zero convention, rounding), prepended to the
+    /// source.
     pub consts: Vec<(&'static str, u32)>,
     /// The GEMV decodes a packed word at a time (`WORD_UNITS`): the format's layout and this
     /// weight's shape allow it.
@@ -120,7 +122,9 @@ impl FormatShader {
 /// rows per set of bindings, several when the weight is larger than one binding may be.
 #[derive(Debug)]
 pub struct GpuQuantWeight {
+    /// Rows of `W` and columns of y.
     pub out_features: usize,
+    /// Columns of `W` and of x.
     pub in_features: usize,
     slices: Vec<RowSlice>,
     /// The whole layer's bias (a single zero when it has none), for adapters' epilogues.
@@ -186,7 +190,8 @@ impl GpuQuantWeight {
     }
 
     /// Uploads a base weight of any format, still packed, split by output rows where a buffer
-    /// of it would exceed the device's storage-binding limit.
+    /// of it would exceed the device's storage-binding limit. Fails with [`Error::Allocation`]
+    /// when even the smallest legal row slice has a buffer over that limit.
     pub fn upload(ctx: &GpuContext, weight: &QuantWeight) -> Result<Self> {
         let limits = ctx.limits();
         let max_binding = limits
@@ -294,6 +299,8 @@ impl GpuQuantWeight {
         self.forward_with(ctx, x, MatmulPath::for_rows(x.rows))
     }
 
+    /// [`Self::forward`] on a given kernel path. Fails with [`Error::Unsupported`] for
+    /// [`MatmulPath::Gemv`] on more than [`GEMV_MAX_ROWS`](super::GEMV_MAX_ROWS) rows.
     pub fn forward_with(
         &self,
         ctx: &GpuContext,
@@ -305,7 +312,9 @@ impl GpuQuantWeight {
         Ok(y)
     }
 
-    /// Binds `x` and `y` for one matmul, ready to record into any compute pass.
+    /// Binds `x: [m, in]` and `y: [m, out]` for one matmul, ready to record into any compute
+    /// pass. Fails with [`Error::Shape`] when their shapes or dtypes do not match the weight,
+    /// and with [`Error::Unsupported`] for the GEMV past its row limit or a grid too large.
     pub fn prepare(
         &self,
         ctx: &GpuContext,

@@ -23,6 +23,7 @@ fn key() -> ShaderKey {
     ShaderKey::new("stream_read", "main", ActDtype::F32).constant("WG", WORKGROUP)
 }
 
+/// Every specialization of the streaming-read yardstick, for [`catalogue`](super::catalogue).
 pub fn shader_keys() -> Vec<ShaderKey> {
     vec![key()]
 }

@@ -24,9 +24,13 @@ pub struct GptqConfig {
     pub bits: u32,
     /// Inputs per group; `None` (`-1` in the files) is one group spanning all inputs.
     pub group_size: Option<usize>,
+    /// Symmetric quantization: each group's range is symmetric about 0 and its zero point is the
+    /// middle code `2^(bits-1)`. Only the quantizer reads it; dequantization takes the zeros from
+    /// `qzeros`.
     pub sym: bool,
     /// Act-order: groups follow `g_idx`, which is then not monotonic.
     pub desc_act: bool,
+    /// How `qzeros` stores the zero points (v1: zero minus one, v2: the zero).
     pub zeros: GptqZeros,
 }
 
@@ -66,6 +70,11 @@ impl GptqConfig {
     ///
     /// Missing keys take AutoGPTQ's defaults: group_size -1, sym true, and format v1. A missing
     /// desc_act reads as false; it only matters for files without `g_idx`.
+    ///
+    /// Fails with [`Error::Config`] for a `quant_method` other than GPTQ, `bits` missing or not
+    /// 2, 3, 4 or 8, `group_size` 0, or a value of the wrong type, and with
+    /// [`Error::Unsupported`] for Marlin, BitBLAS, a non-int32 pack dtype or per-module
+    /// `dynamic` overrides.
     pub fn from_json(value: &Value) -> Result<Self> {
         let obj = value
             .as_object()
@@ -101,7 +110,8 @@ impl GptqConfig {
         Self::from_json(block).map_err(|e| in_file(path, e))
     }
 
-    /// Reads `quantize_config.json` from a checkpoint directory, or else `config.json`.
+    /// Reads `quantize_config.json` from a checkpoint directory, or else `config.json`; fails
+    /// with [`Error::Config`] when neither exists and as [`Self::from_json`] otherwise.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let quantize_config = dir.join("quantize_config.json");
         if quantize_config.is_file() {
