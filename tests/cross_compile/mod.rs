@@ -8,7 +8,6 @@ use quantadapt::gpu::shaders::ShaderKey;
 /// The outcome of translating one specialization, per target.
 #[derive(Debug)]
 pub struct CrossCompile {
-    pub key: ShaderKey,
     /// Parse and validation with every capability (what any backend starts from).
     pub validation: Result<(), String>,
     pub spirv: Result<(), String>,
@@ -33,7 +32,6 @@ fn validate(
 /// Parses, validates and translates `key`'s source for all four targets.
 pub fn cross_compile(key: &ShaderKey) -> CrossCompile {
     let mut report = CrossCompile {
-        key: key.clone(),
         validation: Err("not run".into()),
         spirv: Err("not run".into()),
         msl: Err("not run".into()),
