@@ -421,6 +421,19 @@ fn inspect_lists_every_module_and_what_each_adapter_config_says() {
     assert!(text.contains("  layers_to_transform: [1]"), "{text}");
     assert!(text.contains("  peft_type: \"OFT\""), "{text}");
     assert!(text.contains("  oft_block_size: 32"), "{text}");
+    // What each adapter touches, as PEFT resolves it.
+    assert!(text.contains("  touches 7 of 14 modules:"), "{text}");
+    assert!(
+        text.contains("    model.layers.1.mlp.down_proj: LoRA r 16, alpha 8, scaling 0.5"),
+        "{text}"
+    );
+    assert!(text.contains("  touches 12 of 14 modules:"), "{text}");
+    assert!(
+        text.contains(
+            "    model.layers.0.mlp.down_proj: OFT 16 blocks of 43, Cayley-Neumann 5 terms"
+        ),
+        "{text}"
+    );
 
     let file = golden_model_dir().join("llama_hqq4_g64/checkpoint/model.safetensors");
     let (code, text) = quantadapt(&["inspect", file.to_str().unwrap()]);

@@ -9,6 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use quantadapt::adapters::Adapter;
 use quantadapt::adapters::lora::LoraAdapter;
 use quantadapt::adapters::oft::{OftAdapter, Parameterization};
+use quantadapt::adapters::peft_dir::PeftAdapterDir;
 use quantadapt::bench::{Plan, Scale, write_svg};
 use quantadapt::checkpoint::{Checkpoint, Format, ModuleInfo};
 use quantadapt::formats::QuantFormat;
@@ -674,8 +675,29 @@ fn inspect(path: &std::path::Path, adapters: &[PathBuf]) -> Result<ExitCode> {
     for dir in adapters {
         println!();
         print!("{}", describe_adapter_config(dir)?);
+        print!("{}", describe_adapter_targets(&checkpoint, dir)?);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The modules of `checkpoint` the adapter touches, as PEFT resolves its config, with the
+/// settings each gets (rank, alpha and scaling; OFT's block size after PEFT's adjustment).
+fn describe_adapter_targets(checkpoint: &Checkpoint, dir: &Path) -> Result<String> {
+    let peft = PeftAdapterDir::open(dir)?;
+    let modules = checkpoint
+        .modules()
+        .iter()
+        .map(|m| (m.name.as_str(), m.in_features));
+    let targets = peft.resolve_targets(modules)?;
+    let mut lines = vec![format!(
+        "  touches {} of {} modules:",
+        targets.len(),
+        checkpoint.modules().len()
+    )];
+    for (module, settings) in &targets {
+        lines.push(format!("    {module}: {settings}"));
+    }
+    Ok(lines.join("\n") + "\n")
 }
 
 /// What an adapter folder's `adapter_config.json` says, as written: its type, rank and alpha,
