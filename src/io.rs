@@ -63,26 +63,15 @@ impl TensorFile {
         })
     }
 
-    /// A layer's `[batch, in_features]` input: the tensor `x`, or else the file's only tensor;
-    /// a 1-D tensor is one row.
-    pub fn input_matrix(&self, in_features: usize) -> Result<Matrix> {
+    /// A layer's input: the tensor `x`, or else the file's only tensor, flattened to rows (see
+    /// [`HostTensor::to_rows`]), with the leading dims its output keeps.
+    pub fn input_rows(&self, in_features: usize) -> Result<(Matrix, Vec<usize>)> {
         let x = match self.get("x") {
             Ok(t) => t,
             Err(e) if self.tensors.len() == 1 => self.tensors.values().next().ok_or(e)?,
             Err(e) => return Err(e),
         };
-        let rows = match x.shape[..] {
-            [rows, cols] if cols == in_features => rows,
-            [cols] if cols == in_features => 1,
-            _ => {
-                return Err(Error::shape(
-                    &x.name,
-                    format!("[batch, {in_features}]"),
-                    &x.shape,
-                ));
-            }
-        };
-        Matrix::new(rows, in_features, x.to_finite_f32()?)
+        x.to_rows(in_features)
     }
 
     pub fn get(&self, name: &str) -> Result<&HostTensor> {
@@ -173,6 +162,48 @@ impl HostTensor {
             ));
         }
         Ok(self)
+    }
+
+    /// A layer's input of any leading shape, `[..., in_features]` (`[in_features]` is one row),
+    /// as a `[rows, in_features]` matrix, with the leading dims (`[]` for a 1-D input) that
+    /// [`Self::from_rows`] gives back to the output.
+    pub fn to_rows(&self, in_features: usize) -> Result<(Matrix, Vec<usize>)> {
+        let leading = match self.shape.split_last() {
+            Some((last, leading)) if *last == in_features => leading.to_vec(),
+            _ => {
+                return Err(Error::shape(
+                    &self.name,
+                    format!("[..., {in_features}]"),
+                    &self.shape,
+                ));
+            }
+        };
+        let rows = leading.iter().product();
+        if rows == 0 {
+            return Err(Error::shape(
+                &self.name,
+                format!("[..., {in_features}] with at least one row"),
+                &self.shape,
+            ));
+        }
+        Ok((
+            Matrix::new(rows, in_features, self.to_finite_f32()?)?,
+            leading,
+        ))
+    }
+
+    /// A layer's output rows as an f32 tensor of shape `[..leading, cols]`: the inverse of
+    /// [`Self::to_rows`]. Fails unless `leading` multiplies out to the row count.
+    pub fn from_rows(name: &str, rows: &Matrix, leading: &[usize]) -> Result<Self> {
+        if leading.iter().product::<usize>() != rows.rows {
+            return Err(Error::shape(
+                name,
+                format!("leading dims {leading:?} for {} rows", rows.rows),
+                &[rows.rows, rows.cols],
+            ));
+        }
+        let shape: Vec<usize> = leading.iter().copied().chain([rows.cols]).collect();
+        Ok(Self::from_f32(name, &shape, &rows.data))
     }
 
     /// Float tensors (F16, BF16, F32, F64) converted exactly (F64 rounded) to f32.

@@ -5,7 +5,7 @@ mod common;
 use std::process::Command;
 
 use common::{golden_dir, golden_model_dir};
-use quantadapt::io::TensorFile;
+use quantadapt::io::{HostTensor, TensorFile};
 use quantadapt::tensor::max_rel_error;
 
 fn quantadapt(args: &[&str]) -> (i32, String) {
@@ -222,11 +222,7 @@ fn run_all_modules_writes_one_y_per_module() {
     }
     // An input tensor that names no module is refused, naming it.
     let mut stray = input.clone();
-    stray.insert(quantadapt::io::HostTensor::from_f32(
-        "model.layers.7.q.x",
-        &[1],
-        &[1.0],
-    ));
+    stray.insert(HostTensor::from_f32("model.layers.7.q.x", &[1], &[1.0]));
     stray.save(dir.join("stray.safetensors")).unwrap();
     let (code, text) = quantadapt(&[
         "run",
@@ -370,4 +366,207 @@ fn an_interrupted_merge_leaves_no_output() {
     assert!(!status.success(), "the merge finished before it was killed");
     assert!(!out.exists());
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The modules of a whole-model golden case, as its manifest lists them.
+fn model_case_modules(case: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(golden_model_dir().join("manifest.json")).unwrap();
+    let manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let case = manifest["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == case)
+        .unwrap();
+    serde_json::from_value(case["modules"].clone()).unwrap()
+}
+
+#[test]
+fn inspect_lists_every_module_and_what_each_adapter_config_says() {
+    let case = golden_model_dir().join("llama_hqq3_g64_sharded");
+    let (code, text) = quantadapt(&[
+        "inspect",
+        case.join("checkpoint").to_str().unwrap(),
+        "--adapter",
+        golden_model_dir().join("adapters/lora").to_str().unwrap(),
+        "--adapter",
+        golden_model_dir().join("adapters/oft").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("model.safetensors.index.json (4 shards)"),
+        "{text}"
+    );
+    assert!(text.contains("quantization: hqq 3-bit, group 64, axis 1; not quantized: lm_head"));
+    for module in model_case_modules("llama_hqq3_g64_sharded") {
+        let row = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(&module))
+            .unwrap_or_else(|| panic!("no row for {module}: {text}"));
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cells[1..4], ["hqq", "3", "64"], "{row}");
+        let (out, inp) = match module.rsplit('.').next().unwrap() {
+            "gate_proj" | "up_proj" => ("688", "256"),
+            "down_proj" => ("256", "688"),
+            _ => ("256", "256"),
+        };
+        assert_eq!(cells[4..7], [out, "x", inp], "{row}");
+        assert!(cells[7].parse::<u64>().unwrap() > 0, "{row}");
+    }
+    assert!(text.contains("total: 14 modules (14 hqq)"), "{text}");
+    assert!(
+        text.contains("  peft_type: \"LORA\"\n  r: 8\n  lora_alpha: 16\n"),
+        "{text}"
+    );
+    assert!(text.contains("  layers_to_transform: [1]"), "{text}");
+    assert!(text.contains("  peft_type: \"OFT\""), "{text}");
+    assert!(text.contains("  oft_block_size: 32"), "{text}");
+    // What each adapter touches, as PEFT resolves it.
+    assert!(text.contains("  touches 7 of 14 modules:"), "{text}");
+    assert!(
+        text.contains("    model.layers.1.mlp.down_proj: LoRA r 16, alpha 8, scaling 0.5"),
+        "{text}"
+    );
+    assert!(text.contains("  touches 12 of 14 modules:"), "{text}");
+    assert!(
+        text.contains(
+            "    model.layers.0.mlp.down_proj: OFT 16 blocks of 43, Cayley-Neumann 5 terms"
+        ),
+        "{text}"
+    );
+
+    let file = golden_model_dir().join("llama_hqq4_g64/checkpoint/model.safetensors");
+    let (code, text) = quantadapt(&["inspect", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("hqq 4-bit, group 64"), "{text}");
+    assert!(text.contains("total: 14 modules (14 hqq)"), "{text}");
+
+    let (code, text) = quantadapt(&["inspect", golden_model_dir().to_str().unwrap()]);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("needs model.safetensors or model.safetensors.index.json"),
+        "{text}"
+    );
+}
+
+/// `quantadapt run` on a golden model's module with the run's `x` (in its own shape), `module`
+/// spelled as given: the y it wrote (its shape checked against PEFT's) and PEFT's y.
+fn run_model_module(
+    case: &str,
+    base: &str,
+    module: &str,
+    spelling: &str,
+    run: &str,
+    adapter: Option<&str>,
+    backend: &str,
+) -> (HostTensor, Vec<f32>) {
+    let case_dir = golden_model_dir().join(case);
+    let tensors = TensorFile::open(case_dir.join(format!("runs/{run}.safetensors"))).unwrap();
+    let x = tensors.get(&format!("{module}.x")).unwrap();
+    let tag = format!("{case}-{run}-{}", std::process::id());
+    let input = std::env::temp_dir().join(format!("quantadapt-cli-x-{tag}.safetensors"));
+    let output = std::env::temp_dir().join(format!("quantadapt-cli-y-{tag}.safetensors"));
+    let mut file = TensorFile::default();
+    file.insert(HostTensor::from_raw(
+        "x",
+        x.dtype,
+        &x.shape,
+        x.bytes.clone(),
+    ));
+    file.save(&input).unwrap();
+    let base = case_dir.join(base);
+    let mut args = vec![
+        "run",
+        "--base",
+        base.to_str().unwrap(),
+        "--module",
+        spelling,
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--backend",
+        backend,
+    ];
+    let adapter_dir = adapter.map(|a| golden_model_dir().join("adapters").join(a));
+    if let Some(dir) = &adapter_dir {
+        args.extend(["--adapter", dir.to_str().unwrap()]);
+    }
+    let (code, text) = quantadapt(&args);
+    std::fs::remove_file(&input).unwrap();
+    assert_eq!(code, 0, "{case} {module}: {text}");
+    let y = TensorFile::open(&output).unwrap().get("y").unwrap().clone();
+    std::fs::remove_file(&output).unwrap();
+    let expected = tensors.get(&format!("{module}.y")).unwrap();
+    assert_eq!(y.shape, expected.shape, "y keeps x's leading dims");
+    (y, expected.to_f32().unwrap())
+}
+
+#[test]
+fn run_takes_model_folders_indexes_and_peft_module_names() {
+    // A folder, the module with a trailing dot, x [3, in].
+    let (y, expected) = run_model_module(
+        "llama_hqq4_g64",
+        "checkpoint",
+        "model.layers.0.mlp.down_proj",
+        "model.layers.0.mlp.down_proj.",
+        "base",
+        None,
+        "cpu",
+    );
+    let err = max_rel_error(&y.to_f32().unwrap(), &expected);
+    assert!(err < 1e-5, "{err}");
+    // An index and its shards, PEFT's spelling, x [2, 3, in], an OFT adapter, on the GPU.
+    let (y, expected) = run_model_module(
+        "llama_hqq3_g64_sharded",
+        "checkpoint/model.safetensors.index.json",
+        "model.layers.1.self_attn.q_proj",
+        "base_model.model.model.layers.1.self_attn.q_proj.",
+        "oft_cayley",
+        Some("oft_cayley"),
+        "gpu",
+    );
+    assert_eq!(y.shape, [2, 3, 256]);
+    let err = max_rel_error(&y.to_f32().unwrap(), &expected);
+    assert!(err < 1e-4, "{err}");
+}
+
+#[test]
+fn run_without_a_module_lists_names_that_can_be_pasted_back() {
+    let folder = golden_model_dir().join("llama_hqq4_g64/checkpoint");
+    let (code, text) = quantadapt(&[
+        "run",
+        "--base",
+        folder.to_str().unwrap(),
+        "--input",
+        "unused.safetensors",
+    ]);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("14 quantized modules (model.layers.0.mlp.down_proj, "),
+        "{text}"
+    );
+    assert!(text.contains("name one with --module"), "{text}");
+    assert!(
+        !text.contains("proj.,") && !text.contains("proj. "),
+        "{text}"
+    );
+    let (code, text) = quantadapt(&[
+        "run",
+        "--base",
+        folder.to_str().unwrap(),
+        "--module",
+        "model.layers.9.mlp.up_proj",
+        "--input",
+        "unused.safetensors",
+    ]);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("no quantized module `model.layers.9.mlp.up_proj`"),
+        "{text}"
+    );
+    assert!(
+        text.contains("model.layers.0.mlp.up_proj, model.layers.1.mlp.up_proj"),
+        "{text}"
+    );
 }

@@ -411,3 +411,20 @@ fn adapter_folders_resolve_against_module_lists() {
         .to_string();
     assert!(err.contains("not a quantized module"), "{err}");
 }
+
+#[test]
+fn activations_that_do_not_hold_their_shape_are_errors() {
+    assert!(Activations::new(vec![2, 3], vec![1.0; 5]).is_err());
+    assert!(Activations::new(vec![], vec![]).is_err());
+    let model = open("llama_hqq4_g64");
+    let q = "model.layers.0.self_attn.q_proj";
+    for (shape, rows) in [(vec![], 0), (vec![2, 256], 2)] {
+        let x = Activations {
+            shape,
+            data: vec![0.5; 256],
+        };
+        assert_eq!(x.rows(), rows);
+        let err = model.forward(q, &x).unwrap_err().to_string();
+        assert!(err.contains("256 values"), "{err}");
+    }
+}

@@ -1,4 +1,4 @@
-//! The `quantadapt` command: demo, info, verify-golden, run, merge, bench.
+//! The `quantadapt` command: demo, info, verify-golden, inspect, run, merge, bench.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -9,7 +9,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use quantadapt::adapters::Adapter;
 use quantadapt::adapters::lora::LoraAdapter;
 use quantadapt::adapters::oft::{OftAdapter, Parameterization};
+use quantadapt::adapters::peft_dir::PeftAdapterDir;
 use quantadapt::bench::{Plan, Scale, write_svg};
+use quantadapt::checkpoint::{Checkpoint, Format, ModuleInfo};
 use quantadapt::formats::QuantFormat;
 use quantadapt::formats::QuantWeight;
 use quantadapt::formats::hqq::{HqqConfig, HqqWeight};
@@ -51,14 +53,24 @@ enum Command {
         #[arg(long, value_enum, default_value_t = BackendArg::Both)]
         backend: BackendArg,
     },
+    /// List a checkpoint's quantized modules (format, bits, group, shape, bytes) and what each
+    /// adapter's config says.
+    Inspect {
+        /// A model folder, a .safetensors file or a model.safetensors.index.json.
+        path: PathBuf,
+        /// PEFT adapter folders to describe.
+        #[arg(long)]
+        adapter: Vec<PathBuf>,
+    },
     /// Run a real layer on real inputs: safetensors in, safetensors out.
     Run {
-        /// The checkpoint file (model.safetensors) holding the quantized layer.
+        /// The checkpoint: a model folder, a .safetensors file or a model.safetensors.index.json.
         #[arg(long)]
         base: PathBuf,
         #[arg(long, value_enum)]
         format: Option<FormatArg>,
-        /// The layer's module path, when the file holds several quantized layers.
+        /// The layer's module path (`model.layers.0.self_attn.q_proj`, with or without a
+        /// trailing dot or `base_model.model.`), when the checkpoint holds several.
         #[arg(long, conflicts_with = "all_modules")]
         module: Option<String>,
         /// Run every module of the model (folder, index or file given as --base): the input
@@ -68,10 +80,10 @@ enum Command {
         /// PEFT adapter directories, applied in the order given.
         #[arg(long)]
         adapter: Vec<PathBuf>,
-        /// A safetensors file with the input `x` ([batch, in]).
+        /// A safetensors file with the input `x` ([..., in]: any leading dims).
         #[arg(long)]
         input: PathBuf,
-        /// Where to write `y` ([batch, out]); printed when absent.
+        /// Where to write `y` ([..., out], x's leading dims); printed when absent.
         #[arg(long)]
         output: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = RunBackend::Gpu)]
@@ -165,6 +177,7 @@ fn main() -> ExitCode {
         Command::Demo => demo(),
         Command::Info => info(),
         Command::VerifyGolden { dir, backend } => verify_golden(&dir, backend),
+        Command::Inspect { path, adapter } => inspect(&path, &adapter),
         Command::Run {
             base,
             all_modules: true,
@@ -448,28 +461,25 @@ struct RunArgs {
 
 fn run(args: RunArgs) -> Result<ExitCode> {
     let format = args.format.map(|f| match f {
-        FormatArg::Hqq => "hqq",
-        FormatArg::Gptq => "gptq",
-        FormatArg::Eetq => "eetq",
+        FormatArg::Hqq => Format::Hqq,
+        FormatArg::Gptq => Format::Gptq,
+        FormatArg::Eetq => Format::Eetq,
     });
-    let base = QuantWeight::load_file(&args.base, format, args.module.as_deref())?;
+    let checkpoint = Checkpoint::open(&args.base)?;
+    let module = select_module(&checkpoint, format, args.module.as_deref())?;
+    let base = checkpoint.load_module(&module.name)?;
     let (inp, out) = (base.in_features(), base.out_features());
     let backend = layer_backend(args.backend);
     let mut layer = QuantLinear::new(base, backend)?;
     let mut names = Vec::new();
     for (i, dir) in args.adapters.iter().enumerate() {
         let name = format!("adapter{i}");
-        layer.add_adapter(Adapter::from_peft_dir(
-            &name,
-            dir,
-            args.module.as_deref(),
-            inp,
-            out,
-        )?)?;
+        let module_name = args.module.as_ref().map(|_| module.name.as_str());
+        layer.add_adapter(Adapter::from_peft_dir(&name, dir, module_name, inp, out)?)?;
         names.push(name);
     }
     layer.set_active(&names.iter().map(String::as_str).collect::<Vec<_>>())?;
-    let x = TensorFile::open(&args.input)?.input_matrix(inp)?;
+    let (x, leading) = TensorFile::open(&args.input)?.input_rows(inp)?;
     let y = layer.forward(&x)?;
     match args.output {
         Some(path) => {
@@ -477,9 +487,10 @@ fn run(args: RunArgs) -> Result<ExitCode> {
                 label: path.display().to_string(),
                 ..Default::default()
             };
-            file.insert(HostTensor::from_f32("y", &[y.rows, y.cols], &y.data));
+            let y = HostTensor::from_rows("y", &y, &leading)?;
+            println!("wrote y {:?} to {}", y.shape, path.display());
+            file.insert(y);
             file.save(&path)?;
-            println!("wrote y [{}, {}] to {}", y.rows, y.cols, path.display());
         }
         None => {
             for r in 0..y.rows {
@@ -614,6 +625,125 @@ fn merge(base: &Path, adapters: &[PathBuf], out: &Path, backend: RunBackend) -> 
         summary.bytes
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The module `--module` names (any spelling), or else the checkpoint's only module (of
+/// `format`, when given).
+fn select_module<'a>(
+    checkpoint: &'a Checkpoint,
+    format: Option<Format>,
+    module: Option<&str>,
+) -> Result<&'a ModuleInfo> {
+    if let Some(name) = module {
+        let found = checkpoint.module(name)?;
+        return match format {
+            Some(f) if f != found.format => Err(Error::Config(format!(
+                "module `{}` is {}, not {f}",
+                found.name, found.format
+            ))),
+            _ => Ok(found),
+        };
+    }
+    let candidates: Vec<&ModuleInfo> = checkpoint
+        .modules()
+        .iter()
+        .filter(|m| format.is_none_or(|f| f == m.format))
+        .collect();
+    match candidates[..] {
+        [one] => Ok(one),
+        [] => Err(Error::Config(format!(
+            "{}: no {} module",
+            checkpoint.path().display(),
+            format.map_or("quantized".to_string(), |f| f.to_string())
+        ))),
+        _ => {
+            let names: Vec<&str> = candidates.iter().take(5).map(|m| m.name.as_str()).collect();
+            Err(Error::Config(format!(
+                "{}: {} quantized modules ({}{}); name one with --module",
+                checkpoint.path().display(),
+                candidates.len(),
+                names.join(", "),
+                if candidates.len() > names.len() {
+                    ", ..."
+                } else {
+                    ""
+                }
+            )))
+        }
+    }
+}
+
+fn inspect(path: &std::path::Path, adapters: &[PathBuf]) -> Result<ExitCode> {
+    let checkpoint = Checkpoint::open(path)?;
+    print!("{}", checkpoint.describe());
+    for dir in adapters {
+        println!();
+        print!("{}", describe_adapter_config(dir)?);
+        print!("{}", describe_adapter_targets(&checkpoint, dir)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The modules of `checkpoint` the adapter touches, as PEFT resolves its config, with the
+/// settings each gets (rank, alpha and scaling; OFT's block size after PEFT's adjustment).
+fn describe_adapter_targets(checkpoint: &Checkpoint, dir: &Path) -> Result<String> {
+    let peft = PeftAdapterDir::open(dir)?;
+    let modules = checkpoint
+        .modules()
+        .iter()
+        .map(|m| (m.name.as_str(), m.in_features));
+    let targets = peft.resolve_targets(modules)?;
+    let mut lines = vec![format!(
+        "  touches {} of {} modules:",
+        targets.len(),
+        checkpoint.modules().len()
+    )];
+    for (module, settings) in &targets {
+        lines.push(format!("    {module}: {settings}"));
+    }
+    Ok(lines.join("\n") + "\n")
+}
+
+/// What an adapter folder's `adapter_config.json` says, as written: its type, rank and alpha,
+/// its targets, and the other settings that change which modules it touches or how.
+fn describe_adapter_config(dir: &std::path::Path) -> Result<String> {
+    let path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let config: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Config(format!("{}: not valid JSON: {e}", path.display())))?;
+    let mut lines = vec![format!("adapter: {}", dir.display())];
+    const KEYS: [&str; 19] = [
+        "peft_type",
+        "r",
+        "lora_alpha",
+        "oft_block_size",
+        "target_modules",
+        "exclude_modules",
+        "layers_to_transform",
+        "layers_pattern",
+        "rank_pattern",
+        "alpha_pattern",
+        "use_rslora",
+        "use_dora",
+        "use_cayley_neumann",
+        "num_cayley_neumann_terms",
+        "coft",
+        "eps",
+        "block_share",
+        "bias",
+        "modules_to_save",
+    ];
+    for key in KEYS {
+        match config.get(key) {
+            None | Some(serde_json::Value::Null) => {}
+            Some(serde_json::Value::Object(map)) if map.is_empty() => {}
+            Some(value) => lines.push(format!("  {key}: {value}")),
+        }
+    }
+    Ok(lines.join("\n") + "\n")
 }
 
 struct BenchArgs {

@@ -83,11 +83,16 @@ impl QuantizationConfig {
         }
     }
 
-    /// Reads the `quantization_config` of a parsed `config.json` found in `dir` (`label` names
-    /// the file in errors). `None` when the block is absent, which leaves the format to the
-    /// tensors, except that an AutoGPTQ `quantize_config.json` beside it still says GPTQ.
-    pub fn from_model_config(root: &Value, dir: &Path, label: &str) -> Result<Option<Self>> {
-        let Some(block) = root.get("quantization_config") else {
+    /// Reads the `quantization_config` of `config.json` (`root`, parsed; `label` names it in
+    /// errors) in folder `dir`. `None` without the file or the block, which leaves the format
+    /// to the tensors, except that an AutoGPTQ `quantize_config.json` in `dir` says GPTQ.
+    pub fn from_model_config(
+        root: Option<&Value>,
+        dir: &Path,
+        label: &str,
+    ) -> Result<Option<Self>> {
+        let found = root.and_then(|r| r.get("quantization_config").map(|block| (r, block)));
+        let Some((root, block)) = found else {
             return match dir.join("quantize_config.json").is_file() {
                 true => Ok(Some(Self::Gptq(GptqConfig::from_dir(dir)?))),
                 false => Ok(None),
@@ -205,7 +210,7 @@ mod tests {
     use serde_json::json;
 
     fn read(root: Value) -> Result<Option<QuantizationConfig>> {
-        QuantizationConfig::from_model_config(&root, Path::new("/nonexistent"), "config.json")
+        QuantizationConfig::from_model_config(Some(&root), Path::new("/nonexistent"), "config.json")
     }
 
     #[test]

@@ -25,6 +25,7 @@
 pub mod config;
 mod names;
 mod shard;
+mod table;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -124,14 +125,11 @@ impl Checkpoint {
             true => Some(read_json(&config_path)?),
             false => None,
         };
-        let quantization = match &config_json {
-            Some(root) => QuantizationConfig::from_model_config(
-                root,
-                &dir,
-                &config_path.display().to_string(),
-            )?,
-            None => None,
-        };
+        let quantization = QuantizationConfig::from_model_config(
+            config_json.as_ref(),
+            &dir,
+            &config_path.display().to_string(),
+        )?;
         let mut shard_of = HashMap::new();
         for (i, shard) in shards.iter().enumerate() {
             for t in shard.tensors() {
@@ -319,7 +317,7 @@ impl Checkpoint {
         let mut modules = Vec::with_capacity(found.len());
         for (name, format) in &found {
             let tensors = &tensors_of[name.as_str()];
-            modules.push(self.describe(name, *format, tensors)?);
+            modules.push(self.module_info(name, *format, tensors)?);
         }
         modules.sort_by(|a, b| names::natural_order(&a.name, &b.name));
         self.module_index = modules
@@ -345,7 +343,12 @@ impl Checkpoint {
         }
     }
 
-    fn describe(&self, name: &str, format: Format, tensors: &[&TensorEntry]) -> Result<ModuleInfo> {
+    fn module_info(
+        &self,
+        name: &str,
+        format: Format,
+        tensors: &[&TensorEntry],
+    ) -> Result<ModuleInfo> {
         let prefix = match name.is_empty() {
             true => String::new(),
             false => format!("{name}."),
