@@ -241,7 +241,7 @@ impl QuantLinear {
                 rotated = oft.rotate_cpu(&rotated)?;
             }
         }
-        let mut y = self.base.forward_cpu(&rotated)?;
+        let mut y = self.base.forward_fast(&rotated)?;
         // Only DoRA reads the dequantized base; plain LoRA gets an empty stand-in.
         let mut dora_weight = None;
         let no_weight = Matrix::zeros(0, 0);
