@@ -1,17 +1,24 @@
 //! `cargo bench --bench cpu_forward -- [--threads T] [--runs R] DIR...`: times the fast CPU
 //! forward (`QuantWeight::forward_fast`) and the f64 reference (`forward_cpu`) of the quantized
 //! layer in each `DIR/model.safetensors`, on every input `x_m<M>` of `DIR/io.safetensors`, and
-//! checks the fast output against `y_m<M>` when the file holds it. One JSON object per line:
-//! `{"dir", "out", "in", "m", "threads", "fast_ms", "reference_ms", "max_rel_error"}` (medians
-//! after a warm-up). `benches/cpu_vs_peft.py` writes the directories (HQQ's own layer and outputs)
-//! and runs this next to HQQ on torch.
+//! checks the fast output against `y_m<M>` when the file holds it. `--synthetic N,... --rows
+//! M,...` times 4-bit HQQ layers (group 64, axis 1, f32) of its own making instead. Whole CPU
+//! layers (`QuantLinear::forward`) with an OFT (b = 32) or a LoRA (r = 16) adapter are timed too.
+//! One JSON object per line: `{"layer", "out", "in", "m", "threads", "fast_ms", "oft_layer_ms",
+//! "lora_layer_ms", "reference_ms", "max_rel_error"}` (medians after a warm-up). `benches/cpu_vs_peft.py` writes the directories
+//! (HQQ's own layer and outputs) and runs this next to HQQ on torch.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use quantadapt::Error;
+use quantadapt::adapters::Adapter;
+use quantadapt::adapters::lora::LoraAdapter;
+use quantadapt::adapters::oft::{OftAdapter, Parameterization};
+use quantadapt::formats::hqq::{HqqConfig, HqqWeight};
 use quantadapt::formats::{QuantFormat, QuantWeight};
 use quantadapt::io::TensorFile;
+use quantadapt::layer::{Backend, QuantLinear};
 use quantadapt::tensor::{Matrix, max_rel_error};
 
 /// Median wall time of `runs` calls after one warm-up, in ms.
@@ -31,12 +38,22 @@ fn median_ms(runs: usize, mut f: impl FnMut() -> quantadapt::Result<Matrix>) -> 
 fn tensor(file: &TensorFile, name: &str) -> quantadapt::Result<Matrix> {
     let t = file.get(name)?;
     let [rows, cols] = t.shape[..] else {
-        return Err(Error::shape(name, "[rows, in]", &t.shape));
+        return Err(Error::Config(format!(
+            "{name} is {:?}, not [rows, in]",
+            t.shape
+        )));
     };
     Matrix::new(rows, cols, t.to_f32()?)
 }
 
-fn run_dir(dir: &Path, threads: usize, runs: usize) -> quantadapt::Result<()> {
+/// An input and, when known, the output the layer should give.
+struct Case {
+    m: usize,
+    x: Matrix,
+    y: Option<Matrix>,
+}
+
+fn load_dir(dir: &Path) -> quantadapt::Result<(QuantWeight, Vec<Case>)> {
     let w = QuantWeight::load_file(&dir.join("model.safetensors"), None, None)?;
     let io = TensorFile::open(dir.join("io.safetensors"))?;
     let mut rows: Vec<usize> = io
@@ -45,25 +62,83 @@ fn run_dir(dir: &Path, threads: usize, runs: usize) -> quantadapt::Result<()> {
         .filter_map(|k| k.strip_prefix("x_m")?.parse().ok())
         .collect();
     rows.sort_unstable();
-    for m in rows {
-        let x = tensor(&io, &format!("x_m{m}"))?;
-        let fast = w.forward_fast(&x)?;
-        let error = match io.contains(&format!("y_m{m}")) {
-            true => max_rel_error(&fast.data, &tensor(&io, &format!("y_m{m}"))?.data),
-            false => f64::NAN,
-        };
-        let fast_ms = median_ms(runs, || w.forward_fast(&x));
+    let cases = rows
+        .into_iter()
+        .map(|m| {
+            let y = match io.contains(&format!("y_m{m}")) {
+                true => Some(tensor(&io, &format!("y_m{m}"))?),
+                false => None,
+            };
+            let x = tensor(&io, &format!("x_m{m}"))?;
+            Ok(Case { m, x, y })
+        })
+        .collect::<quantadapt::Result<_>>()?;
+    Ok((w, cases))
+}
+
+fn synthetic(n: usize, rows: &[usize]) -> quantadapt::Result<(QuantWeight, Vec<Case>)> {
+    let mut config = HqqConfig::new(4, 64, 1);
+    config.optimize = false;
+    let w = HqqWeight::quantize(&Matrix::random(n, n, 0.05), None, &config)?;
+    let cases = rows
+        .iter()
+        .map(|m| Case {
+            m: *m,
+            x: Matrix::random(*m, n, 1.0),
+            y: None,
+        })
+        .collect();
+    Ok((QuantWeight::Hqq(w), cases))
+}
+
+fn run_layer(
+    label: &str,
+    w: &QuantWeight,
+    cases: &[Case],
+    threads: usize,
+    runs: usize,
+) -> quantadapt::Result<()> {
+    let cpu_layer = |adapter: Adapter| -> quantadapt::Result<QuantLinear> {
+        let name = adapter.name().to_string();
+        let mut layer = QuantLinear::new(w.clone(), Backend::Cpu)?;
+        layer.add_adapter(adapter)?;
+        layer.set_active(&[&name])?;
+        Ok(layer)
+    };
+    let (out, inp) = (w.out_features(), w.in_features());
+    let oft_params = Matrix::random(inp / 32, 32 * 31 / 2, 0.01);
+    let oft = cpu_layer(Adapter::Oft(OftAdapter::from_params(
+        "oft",
+        inp,
+        oft_params,
+        Parameterization::Cayley,
+        None,
+        false,
+    )?))?;
+    let (a, b) = (Matrix::random(16, inp, 0.05), Matrix::random(out, 16, 0.05));
+    let lora = LoraAdapter::from_matrices("lora", inp, out, a, b, 2.0, None)?;
+    let lora = cpu_layer(Adapter::Lora(lora))?;
+    for Case { m, x, y } in cases {
+        let fast = w.forward_fast(x)?;
+        let error = y
+            .as_ref()
+            .map_or(f64::NAN, |y| max_rel_error(&fast.data, &y.data));
+        let fast_ms = median_ms(runs, || w.forward_fast(x));
+        let oft_ms = median_ms(runs, || oft.forward(x));
+        let lora_ms = median_ms(runs, || lora.forward(x));
         // The f64 reference takes seconds at 4096 x 4096: three runs are enough to see it.
-        let reference_ms = median_ms(runs.min(3), || w.forward_cpu(&x));
+        let reference_ms = median_ms(runs.min(3), || w.forward_cpu(x));
         println!(
             "{}",
             serde_json::json!({
-                "dir": dir.display().to_string(),
+                "layer": label,
                 "out": w.out_features(),
                 "in": w.in_features(),
                 "m": m,
                 "threads": threads,
                 "fast_ms": fast_ms,
+                "oft_layer_ms": oft_ms,
+                "lora_layer_ms": lora_ms,
                 "reference_ms": reference_ms,
                 "max_rel_error": error,
             })
@@ -72,18 +147,32 @@ fn run_dir(dir: &Path, threads: usize, runs: usize) -> quantadapt::Result<()> {
     Ok(())
 }
 
+/// `"2048,4096"` to numbers.
+fn numbers(name: &str, text: &str) -> quantadapt::Result<Vec<usize>> {
+    text.split(',')
+        .map(|v| {
+            v.trim()
+                .parse()
+                .map_err(|_| Error::Config(format!("{name} takes numbers, got `{text}`")))
+        })
+        .collect()
+}
+
 fn main() -> quantadapt::Result<()> {
     let (mut threads, mut runs, mut dirs) = (2, 10, Vec::new());
+    let (mut sizes, mut rows) = (Vec::new(), vec![1, 16]);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| -> quantadapt::Result<usize> {
             let v = args.next().unwrap_or_default();
             v.parse()
-                .map_err(|_| Error::config(format!("{name} takes a number, got `{v}`")))
+                .map_err(|_| Error::Config(format!("{name} takes a number, got `{v}`")))
         };
         match arg.as_str() {
             "--threads" => threads = value("--threads")?,
             "--runs" => runs = value("--runs")?,
+            "--synthetic" => sizes = numbers(&arg, &args.next().unwrap_or_default())?,
+            "--rows" => rows = numbers(&arg, &args.next().unwrap_or_default())?,
             "--bench" => {}
             other => dirs.push(PathBuf::from(other)),
         }
@@ -91,9 +180,14 @@ fn main() -> quantadapt::Result<()> {
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build_global()
-        .map_err(|e| Error::config(format!("thread pool: {e}")))?;
+        .map_err(|e| Error::Config(format!("thread pool: {e}")))?;
     for dir in &dirs {
-        run_dir(dir, threads, runs)?;
+        let (w, cases) = load_dir(dir)?;
+        run_layer(&dir.display().to_string(), &w, &cases, threads, runs)?;
+    }
+    for n in sizes {
+        let (w, cases) = synthetic(n, &rows)?;
+        run_layer(&format!("synthetic {n}x{n}"), &w, &cases, threads, runs)?;
     }
     Ok(())
 }

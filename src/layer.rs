@@ -238,7 +238,7 @@ impl QuantLinear {
         let mut rotated = x.clone();
         for a in adapters {
             if let Adapter::Oft(oft) = a {
-                rotated = oft.rotate_cpu(&rotated)?;
+                rotated = oft.rotate_fast(&rotated)?;
             }
         }
         let mut y = self.base.forward_fast(&rotated)?;

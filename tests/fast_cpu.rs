@@ -8,11 +8,15 @@
 //! groups exactly in real arithmetic), so the only difference is f32 against f64 summation: about
 //! 1e-7 relative at K = 4096.
 
+use quantadapt::adapters::Adapter;
+use quantadapt::adapters::lora::LoraAdapter;
+use quantadapt::adapters::oft::{OftAdapter, Parameterization};
 use quantadapt::formats::eetq::EetqWeight;
 use quantadapt::formats::gptq::{GptqConfig, GptqWeight, GptqZeros};
 use quantadapt::formats::hqq::{ComputeDtype, HqqConfig, HqqWeight};
 use quantadapt::formats::{QuantFormat, QuantWeight};
-use quantadapt::tensor::Matrix;
+use quantadapt::layer::{Backend, QuantLinear};
+use quantadapt::tensor::{Matrix, max_rel_error};
 use rand::seq::SliceRandom;
 
 const TOLERANCE: f64 = 1e-5;
@@ -161,4 +165,57 @@ fn an_empty_batch_gives_an_empty_output() {
     let w = QuantWeight::Eetq(EetqWeight::quantize(&dense).unwrap());
     let y = w.forward_fast(&Matrix::zeros(0, 64)).unwrap();
     assert_eq!((y.rows, y.cols), (0, 8));
+}
+
+fn oft(inp: usize, block_share: bool) -> OftAdapter {
+    let rows = if block_share { 1 } else { inp / 32 };
+    let params = Matrix::random(rows, 32 * 31 / 2, 0.05);
+    OftAdapter::from_params(
+        "oft",
+        inp,
+        params,
+        Parameterization::Cayley,
+        None,
+        block_share,
+    )
+    .unwrap()
+}
+
+#[test]
+fn oft_rotation_in_f32_matches_the_reference() {
+    for block_share in [false, true] {
+        let oft = oft(4096, block_share);
+        for m in [1, 5, 16] {
+            let x = Matrix::random(m, 4096, 1.0);
+            let err = max_rel_error(
+                &oft.rotate_fast(&x).unwrap().data,
+                &oft.rotate_cpu(&x).unwrap().data,
+            );
+            assert!(err < TOLERANCE, "share {block_share} M={m}: {err:.3e}");
+        }
+    }
+}
+
+/// A CPU layer (fast base, f32 rotation) against the references composed by hand: OFT, then the
+/// base, then LoRA on the unrotated input.
+#[test]
+fn cpu_layer_with_oft_and_lora_matches_the_references() {
+    let (out, inp) = (48, 4096);
+    let mut config = HqqConfig::new(4, 64, 1);
+    config.optimize = false;
+    let dense = Matrix::random(out, inp, 0.05);
+    let base = QuantWeight::Hqq(HqqWeight::quantize(&dense, random_bias(out), &config).unwrap());
+    let oft = oft(inp, false);
+    let (a, b) = (Matrix::random(16, inp, 0.05), Matrix::random(out, 16, 0.05));
+    let lora = LoraAdapter::from_matrices("lora", inp, out, a, b, 2.0, None).unwrap();
+    let mut layer = QuantLinear::new(base.clone(), Backend::Cpu).unwrap();
+    layer.add_adapter(Adapter::Oft(oft.clone())).unwrap();
+    layer.add_adapter(Adapter::Lora(lora.clone())).unwrap();
+    layer.set_active(&["oft", "lora"]).unwrap();
+    let x = Matrix::random(16, inp, 1.0);
+    let mut expected = base.forward_cpu(&oft.rotate_cpu(&x).unwrap()).unwrap();
+    lora.apply_cpu(&x, &mut expected, base.bias(), &Matrix::zeros(0, 0))
+        .unwrap();
+    let err = max_rel_error(&layer.forward(&x).unwrap().data, &expected.data);
+    assert!(err < TOLERANCE, "{err:.3e}");
 }

@@ -4,14 +4,15 @@
 //! time (pulp: AVX2 + FMA where the CPU has them, NEON on aarch64). Nothing dequantizes the whole
 //! weight: a task decodes a small tile of codes at a time and multiplies it into every row of `x`.
 //! Tasks come in two shapes, after the storage: a format whose output rows are contiguous along K
-//! (HQQ) walks a row at a time with [`dot_into`]; one stored `[in, out]` (GPTQ, EETQ) is a
+//! (HQQ) walks a row at a time with [`dot_rows`]; one stored `[in, out]` (GPTQ, EETQ) is a
 //! [`ColumnSource`] yielding [`COLS`] outputs per input, multiplied in by [`column_forward`].
 //!
 //! Where a format's reference rounds every dequantized weight to f16 or bf16 (GPTQ, EETQ, HQQ
 //! computing in f16 / bf16), the fast path rounds it the same way, bit for bit ([`round_f16`],
 //! [`round_bf16`]): skipping that rounding moves outputs by about 2e-4 of max |y|, twenty times the
-//! CPU tolerance. Only where the reference does not round (HQQ in f32) are groups factored,
-//! `y = s·Σ x·q − s·z·Σ x`. Either way only the summation order differs from
+//! CPU tolerance. Only where the reference does not round (HQQ in f32) are groups factored:
+//! `y = Σ_g s_g·Σ x·(q − z_g)`, the zero taken off each decoded code (one subtraction per code,
+//! shared by every row of `x`) and the scale applied once per group and row. Either way only the summation order differs from
 //! [`super::QuantFormat::forward_cpu`], the f64 oracle.
 
 use std::ops::Range;
@@ -77,35 +78,6 @@ where
     y
 }
 
-/// Prefix sums of each row of `x` in f64 (`[m, k + 1]`): `Σ x[m][a..b]` for any range, which the
-/// zero term of a factored group needs.
-pub(crate) struct PrefixSums {
-    stride: usize,
-    sums: Vec<f64>,
-}
-
-impl PrefixSums {
-    pub(crate) fn new(x: &Matrix) -> Self {
-        let stride = x.cols + 1;
-        let mut sums = Vec::with_capacity(x.rows * stride);
-        for m in 0..x.rows {
-            let mut acc = 0f64;
-            sums.push(0.0);
-            for v in x.row(m) {
-                acc += *v as f64;
-                sums.push(acc);
-            }
-        }
-        Self { stride, sums }
-    }
-
-    /// `Σ x[m][k..k + len]`.
-    pub(crate) fn range(&self, m: usize, k: usize, len: usize) -> f64 {
-        let row = &self.sums[m * self.stride..(m + 1) * self.stride];
-        row[k + len] - row[k]
-    }
-}
-
 /// `acc += x · w` over whole vectors (two chains, so one row does not wait on FMA latency);
 /// returns the dot product of the elements past the last whole vector. `x` and `w` have the same
 /// length.
@@ -124,7 +96,60 @@ pub(crate) fn dot_into<S: Simd>(simd: S, x: &[f32], w: &[f32], acc: &mut S::f32s
         a0 = simd.mul_add_e_f32s(*vx, *vw, a0);
     }
     *acc = simd.add_f32s(a0, a1);
-    xt.iter().zip(wt).map(|(a, b)| a * b).sum()
+    let mut tail = 0.0;
+    for (a, b) in xt.iter().zip(wt) {
+        tail += a * b;
+    }
+    tail
+}
+
+/// `acc[i] += s · (x[i][k..k + len] · t)` for every row `i` of `x`, `len = t.len()`; vector
+/// parts into `acc`, the elements past the last whole vector into `tail`. Four rows at a time
+/// share each load of `t`, and their four chains hide the FMA latency.
+#[inline(always)]
+pub(crate) fn dot_rows<S: Simd>(
+    simd: S,
+    x: &Matrix,
+    k: usize,
+    t: &[f32],
+    s: f32,
+    acc: &mut [S::f32s],
+    tail: &mut [f32],
+) {
+    let len = t.len();
+    let (tv, tt) = S::as_simd_f32s(t);
+    let sv = simd.splat_f32s(s);
+    let zero = simd.splat_f32s(0.0);
+    let row = |i: usize| &x.data[i * x.cols + k..i * x.cols + k + len];
+    let blocks = acc.chunks_exact_mut(4).zip(tail.chunks_exact_mut(4));
+    let mut first = 0;
+    for (a, t4) in blocks {
+        let xs = [row(first), row(first + 1), row(first + 2), row(first + 3)];
+        let [x0, x1, x2, x3] = xs.map(|r| S::as_simd_f32s(r).0);
+        let mut d = [zero; 4];
+        for ((((q, v0), v1), v2), v3) in tv.iter().zip(x0).zip(x1).zip(x2).zip(x3) {
+            d[0] = simd.mul_add_e_f32s(*v0, *q, d[0]);
+            d[1] = simd.mul_add_e_f32s(*v1, *q, d[1]);
+            d[2] = simd.mul_add_e_f32s(*v2, *q, d[2]);
+            d[3] = simd.mul_add_e_f32s(*v3, *q, d[3]);
+        }
+        for (i, (ai, ti)) in a.iter_mut().zip(t4).enumerate() {
+            *ai = simd.mul_add_e_f32s(sv, d[i], *ai);
+            let xt = &xs[i][len - tt.len()..];
+            let mut rest = 0.0;
+            for (p, q) in xt.iter().zip(tt) {
+                rest += p * q;
+            }
+            *ti += s * rest;
+        }
+        first += 4;
+    }
+    for (i, (ai, ti)) in acc.iter_mut().zip(tail.iter_mut()).enumerate().skip(first) {
+        let mut d = zero;
+        let rest = dot_into(simd, row(i), t, &mut d);
+        *ai = simd.mul_add_e_f32s(sv, d, *ai);
+        *ti += s * rest;
+    }
 }
 
 /// One rounding of a dequantized weight: none (f32), to f16 or to bf16, as PyTorch rounds an op's
@@ -239,7 +264,7 @@ impl<C: ColumnSource> WithSimd for ColumnTask<'_, C> {
         for n0 in rows.clone().step_by(COLS) {
             let width = COLS.min(rows.end - n0);
             let block = src.block(n0, width);
-            acc.iter_mut().for_each(|a| *a = [0.0; COLS]);
+            acc.fill([0.0; COLS]);
             for k0 in (0..k_in).step_by(K_TILE) {
                 let kt = K_TILE.min(k_in - k0);
                 for (t, w) in tile[..kt].iter_mut().enumerate() {

@@ -25,6 +25,12 @@ impl GptqWeight {
     }
 }
 
+/// `f16(s · (q − z))`, as the reference dequantizes.
+#[inline(always)]
+fn dequant(q: u32, s: f32, z: f32) -> f32 {
+    round_f16(s * (q as i32 as f32 - z))
+}
+
 impl ColumnSource for GptqWeight {
     type Block = GptqBlock;
 
@@ -67,7 +73,6 @@ impl ColumnSource for GptqWeight {
         let words = &self.qweight[word_row * n_out + block.n0..][..block.width];
         let (scales, zeros) = (&block.scales[g], &block.zeros[g]);
         let out = &mut out[..block.width];
-        let dequant = |q: u32, s: f32, z: f32| round_f16(s * (q as i32 as f32 - z));
         if shift as usize + bits <= 32 {
             for (((o, w), s), z) in out.iter_mut().zip(words).zip(scales).zip(zeros) {
                 *o = dequant((w >> shift) & mask, *s, *z);

@@ -3,8 +3,8 @@
 //! field) and, along axis 1, in one group; a task walks its rows run by run, decoding
 //! [`TILE`] codes at a time straight from HQQ's storage.
 //!
-//! In f32 (no rounding in the reference), axis 1: a run's group is factored,
-//! `s·Σ x·q − s·z·Σ x`. Otherwise (f16 / bf16, whose reference rounds every weight, or axis 0,
+//! In f32 (no rounding in the reference), axis 1: a run's group is factored, `s·Σ x·(q − z)`.
+//! Otherwise (f16 / bf16, whose reference rounds every weight, or axis 0,
 //! where every element of a run has its own group) a tile is dequantized as HQQ does, then
 //! multiplied in.
 
@@ -15,7 +15,7 @@ use pulp::{Arch, Simd, WithSimd};
 use super::{ComputeDtype, HqqWeight};
 use crate::error::Result;
 use crate::formats::fast_cpu::{
-    NoRounding, PrefixSums, RoundBf16, RoundF16, Rounding, check_input, dot_into, par_output_rows,
+    NoRounding, RoundBf16, RoundF16, Rounding, check_input, dot_rows, par_output_rows,
 };
 use crate::tensor::Matrix;
 
@@ -40,7 +40,6 @@ impl HqqWeight {
     /// of [`crate::formats::QuantFormat::forward_cpu`].
     pub fn forward_fast(&self, x: &Matrix) -> Result<Matrix> {
         check_input(x, self.in_features)?;
-        let prefix = self.factored().then(|| PrefixSums::new(x));
         Ok(par_output_rows(
             x,
             self.out_features,
@@ -50,7 +49,6 @@ impl HqqWeight {
                 Arch::new().dispatch(RowTask {
                     w: self,
                     x,
-                    prefix: prefix.as_ref(),
                     rows,
                     out,
                 });
@@ -58,38 +56,19 @@ impl HqqWeight {
         ))
     }
 
-    /// Whether runs are factored: one group per run and no rounding of the weights.
+    /// Whether tiles are factored (`s·Σ x·(q − z)`): one group per run, no rounding of weights.
     fn factored(&self) -> bool {
         self.grouping.axis == 1 && self.compute_dtype == ComputeDtype::F32
     }
 
-    /// Calls `visit` on the runs of output row `n`, in order along K.
-    #[inline(always)]
-    fn runs(&self, n: usize, mut visit: impl FnMut(Run)) {
+    /// The runs of output row `n`, in order along K.
+    fn runs(&self, n: usize) -> Runs<'_> {
         let k_in = self.in_features;
-        let slab_len = self.packed_rows * self.packed_cols;
-        let (group_size, groups) = (self.grouping.group_size, self.grouping.groups());
-        let (mut flat, end) = (n * k_in, (n + 1) * k_in);
-        while flat < end {
-            let slab = flat / slab_len;
-            let mut next = end.min((slab + 1) * slab_len);
-            let group = if self.grouping.axis == 1 {
-                let g = flat / group_size;
-                next = next.min((g + 1) * group_size);
-                g
-            } else {
-                let e = flat % groups;
-                next = next.min(flat + groups - e);
-                e
-            };
-            visit(Run {
-                k: flat - n * k_in,
-                len: next - flat,
-                slab,
-                element: flat - slab * slab_len,
-                group,
-            });
-            flat = next;
+        Runs {
+            w: self,
+            row_start: n * k_in,
+            flat: n * k_in,
+            end: (n + 1) * k_in,
         }
     }
 
@@ -131,10 +110,49 @@ impl HqqWeight {
     }
 }
 
+/// Iterator over a row's [`Run`]s (an iterator rather than a callback, so that the loops over
+/// them stay inside the SIMD-enabled function).
+struct Runs<'a> {
+    w: &'a HqqWeight,
+    row_start: usize,
+    flat: usize,
+    end: usize,
+}
+
+impl Iterator for Runs<'_> {
+    type Item = Run;
+
+    fn next(&mut self) -> Option<Run> {
+        let (w, flat) = (self.w, self.flat);
+        if flat >= self.end {
+            return None;
+        }
+        let slab_len = w.packed_rows * w.packed_cols;
+        let slab = flat / slab_len;
+        let mut next = self.end.min((slab + 1) * slab_len);
+        let group = if w.grouping.axis == 1 {
+            let g = flat / w.grouping.group_size;
+            next = next.min((g + 1) * w.grouping.group_size);
+            g
+        } else {
+            let (groups, e) = (w.grouping.groups(), flat % w.grouping.groups());
+            next = next.min(flat + groups - e);
+            e
+        };
+        self.flat = next;
+        Some(Run {
+            k: flat - self.row_start,
+            len: next - flat,
+            slab,
+            element: flat - slab * slab_len,
+            group,
+        })
+    }
+}
+
 struct RowTask<'a> {
     w: &'a HqqWeight,
     x: &'a Matrix,
-    prefix: Option<&'a PrefixSums>,
     rows: Range<usize>,
     out: &'a mut [f32],
 }
@@ -144,85 +162,46 @@ impl WithSimd for RowTask<'_> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        match (self.prefix, self.w.compute_dtype) {
-            (Some(prefix), _) => self.factored(simd, prefix),
-            (None, ComputeDtype::F32) => self.dequantized::<S, NoRounding>(simd),
-            (None, ComputeDtype::F16) => self.dequantized::<S, RoundF16>(simd),
-            (None, ComputeDtype::BF16) => self.dequantized::<S, RoundBf16>(simd),
+        match self.w.compute_dtype {
+            ComputeDtype::F32 => self.run::<S, NoRounding>(simd),
+            ComputeDtype::F16 => self.run::<S, RoundF16>(simd),
+            ComputeDtype::BF16 => self.run::<S, RoundBf16>(simd),
         }
     }
 }
 
 impl RowTask<'_> {
-    /// `y[m][n] = Σ_runs s·Σ x·q − s·z·Σ x`.
+    /// `y[m][n]` for the task's rows, tiles dequantized with HQQ's rounding `R` (or, factored,
+    /// `q − z` with the scale applied per tile).
     #[inline(always)]
-    fn factored<S: Simd>(self, simd: S, prefix: &PrefixSums) {
-        let Self {
-            w, x, rows, out, ..
-        } = self;
-        let m = x.rows;
+    fn run<S: Simd, R: Rounding>(self, simd: S) {
+        let Self { w, x, rows, out } = self;
+        let (m, factored) = (x.rows, w.factored());
         let zero = simd.splat_f32s(0.0);
         let (mut acc, mut tail) = (vec![zero; m], vec![0f32; m]);
-        let (mut run_acc, mut run_tail) = (vec![zero; m], vec![0f32; m]);
-        let mut codes = [0f32; TILE];
+        let mut tile = [0f32; TILE];
         for (outs, n) in out.chunks_exact_mut(m).zip(rows) {
             acc.fill(zero);
             tail.fill(0.0);
-            w.runs(n, |run| {
-                run_acc.fill(zero);
-                run_tail.fill(0.0);
+            for run in w.runs(n) {
                 for start in (0..run.len).step_by(TILE) {
-                    let len = TILE.min(run.len - start);
-                    let q = &mut codes[..len];
-                    w.decode(run.slab, run.element + start, q);
-                    let k = run.k + start;
-                    for (row, (a, t)) in run_acc.iter_mut().zip(&mut run_tail).enumerate() {
-                        *t += dot_into(simd, &x.row(row)[k..k + len], q, a);
-                    }
-                }
-                let (s, z) = (w.scale[run.group], w.zero[run.group]);
-                let sv = simd.splat_f32s(s);
-                for row in 0..m {
-                    acc[row] = simd.mul_add_e_f32s(sv, run_acc[row], acc[row]);
-                    let zero_term = s as f64 * z as f64 * prefix.range(row, run.k, run.len);
-                    tail[row] += (s as f64 * run_tail[row] as f64 - zero_term) as f32;
-                }
-            });
-            for ((o, a), t) in outs.iter_mut().zip(&acc).zip(&tail) {
-                *o = simd.reduce_sum_f32s(*a) + t;
-            }
-        }
-    }
-
-    /// `y[m][n] = Σ x·w` over tiles dequantized with HQQ's rounding `R`.
-    #[inline(always)]
-    fn dequantized<S: Simd, R: Rounding>(self, simd: S) {
-        let Self {
-            w, x, rows, out, ..
-        } = self;
-        let m = x.rows;
-        let zero = simd.splat_f32s(0.0);
-        let (mut acc, mut tail) = (vec![zero; m], vec![0f32; m]);
-        let mut weights = [0f32; TILE];
-        for (outs, n) in out.chunks_exact_mut(m).zip(rows) {
-            acc.fill(zero);
-            tail.fill(0.0);
-            w.runs(n, |run| {
-                for start in (0..run.len).step_by(TILE) {
-                    let len = TILE.min(run.len - start);
-                    let wt = &mut weights[..len];
-                    w.decode(run.slab, run.element + start, wt);
-                    let group = match w.grouping.axis {
-                        1 => run.group,
-                        _ => run.group + start,
+                    let t = &mut tile[..TILE.min(run.len - start)];
+                    w.decode(run.slab, run.element + start, t);
+                    let scale = if factored {
+                        let z = w.zero[run.group];
+                        t.iter_mut().for_each(|q| *q -= z);
+                        w.scale[run.group]
+                    } else {
+                        let group = match w.grouping.axis {
+                            1 => run.group,
+                            _ => run.group + start,
+                        };
+                        w.dequant::<R>(group, t);
+                        1.0
                     };
-                    w.dequant::<R>(group, wt);
-                    let k = run.k + start;
-                    for (row, (a, t)) in acc.iter_mut().zip(&mut tail).enumerate() {
-                        *t += dot_into(simd, &x.row(row)[k..k + len], wt, a);
-                    }
+                    dot_rows(simd, x, run.k + start, t, scale, &mut acc, &mut tail);
                 }
-            });
+            }
             for ((o, a), t) in outs.iter_mut().zip(&acc).zip(&tail) {
                 *o = simd.reduce_sum_f32s(*a) + t;
             }
