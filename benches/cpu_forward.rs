@@ -2,7 +2,7 @@
 //! forward (`QuantWeight::forward_fast`) and the f64 reference (`forward_cpu`) of the quantized
 //! layer in each `DIR/model.safetensors`, on every input `x_m<M>` of `DIR/io.safetensors`, and
 //! checks the fast output against `y_m<M>` when the file holds it. `--synthetic N,... --rows
-//! M,...` times 4-bit HQQ layers (group 64, axis 1, f32) of its own making instead. Whole CPU
+//! M,...` times layers of its own making instead (HQQ 4-bit, GPTQ 4-bit, EETQ int8). Whole CPU
 //! layers (`QuantLinear::forward`) with an OFT (b = 32) or a LoRA (r = 16) adapter are timed too.
 //! One JSON object per line: `{"layer", "out", "in", "m", "threads", "fast_ms", "oft_layer_ms",
 //! "lora_layer_ms", "reference_ms", "max_rel_error"}` (medians after a warm-up). `benches/cpu_vs_peft.py` writes the directories
@@ -15,6 +15,8 @@ use quantadapt::Error;
 use quantadapt::adapters::Adapter;
 use quantadapt::adapters::lora::LoraAdapter;
 use quantadapt::adapters::oft::{OftAdapter, Parameterization};
+use quantadapt::formats::eetq::EetqWeight;
+use quantadapt::formats::gptq::{GptqConfig, GptqWeight, GptqZeros};
 use quantadapt::formats::hqq::{HqqConfig, HqqWeight};
 use quantadapt::formats::{QuantFormat, QuantWeight};
 use quantadapt::io::TensorFile;
@@ -76,19 +78,50 @@ fn load_dir(dir: &Path) -> quantadapt::Result<(QuantWeight, Vec<Case>)> {
     Ok((w, cases))
 }
 
-fn synthetic(n: usize, rows: &[usize]) -> quantadapt::Result<(QuantWeight, Vec<Case>)> {
-    let mut config = HqqConfig::new(4, 64, 1);
-    config.optimize = false;
-    let w = HqqWeight::quantize(&Matrix::random(n, n, 0.05), None, &config)?;
-    let cases = rows
-        .iter()
-        .map(|m| Case {
-            m: *m,
-            x: Matrix::random(*m, n, 1.0),
-            y: None,
+/// Layers of `n x n` in each format: HQQ 4-bit (group 64, axis 1, f32), GPTQ 4-bit (group
+/// 128, v1 zeros) and EETQ int8, each with random inputs of `rows` rows.
+fn synthetic(
+    n: usize,
+    rows: &[usize],
+) -> quantadapt::Result<Vec<(String, QuantWeight, Vec<Case>)>> {
+    let dense = Matrix::random(n, n, 0.05);
+    let mut hqq = HqqConfig::new(4, 64, 1);
+    hqq.optimize = false;
+    let gptq = GptqConfig {
+        bits: 4,
+        group_size: Some(128),
+        sym: false,
+        desc_act: false,
+        zeros: GptqZeros::V1,
+    };
+    let layers = [
+        (
+            "hqq 4-bit g64",
+            QuantWeight::Hqq(HqqWeight::quantize(&dense, None, &hqq)?),
+        ),
+        (
+            "gptq 4-bit g128",
+            QuantWeight::Gptq(GptqWeight::quantize_rtn(&dense, gptq, None)?),
+        ),
+        (
+            "eetq int8",
+            QuantWeight::Eetq(EetqWeight::quantize(&dense)?),
+        ),
+    ];
+    Ok(layers
+        .into_iter()
+        .map(|(name, w)| {
+            let cases = rows
+                .iter()
+                .map(|m| Case {
+                    m: *m,
+                    x: Matrix::random(*m, n, 1.0),
+                    y: None,
+                })
+                .collect();
+            (format!("synthetic {name} {n}x{n}"), w, cases)
         })
-        .collect();
-    Ok((QuantWeight::Hqq(w), cases))
+        .collect())
 }
 
 fn run_layer(
@@ -186,8 +219,9 @@ fn main() -> quantadapt::Result<()> {
         run_layer(&dir.display().to_string(), &w, &cases, threads, runs)?;
     }
     for n in sizes {
-        let (w, cases) = synthetic(n, &rows)?;
-        run_layer(&format!("synthetic {n}x{n}"), &w, &cases, threads, runs)?;
+        for (label, w, cases) in synthetic(n, &rows)? {
+            run_layer(&label, &w, &cases, threads, runs)?;
+        }
     }
     Ok(())
 }
