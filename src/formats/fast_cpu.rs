@@ -272,13 +272,18 @@ impl<C: ColumnSource> WithSimd for ColumnTask<'_, C> {
                 }
                 for (row, a) in acc.iter_mut().enumerate() {
                     let xs = &x.row(row)[k0..k0 + kt];
-                    let (av, _) = S::as_mut_simd_f32s(a);
+                    // A tile's sum apart, then added: shorter chains of rounding along K.
+                    let mut part = [0f32; COLS];
+                    let (pv, _) = S::as_mut_simd_f32s(&mut part);
                     for (xv, w) in xs.iter().zip(&tile) {
                         let (wv, _) = S::as_simd_f32s(w);
                         let xb = simd.splat_f32s(*xv);
-                        for (a, w) in av.iter_mut().zip(wv) {
-                            *a = simd.mul_add_e_f32s(xb, *w, *a);
+                        for (p, w) in pv.iter_mut().zip(wv) {
+                            *p = simd.mul_add_e_f32s(xb, *w, *p);
                         }
+                    }
+                    for (a, p) in a.iter_mut().zip(&part) {
+                        *a += p;
                     }
                 }
             }
