@@ -329,10 +329,10 @@ impl QuantLinear {
         let mut rotated = x.clone();
         for a in adapters {
             if let Adapter::Oft(oft) = a {
-                rotated = oft.rotate_cpu(&rotated)?;
+                rotated = oft.rotate_fast(&rotated)?;
             }
         }
-        let mut y = self.base.forward_cpu(&rotated)?;
+        let mut y = self.base.forward_fast(&rotated)?;
         // Only DoRA reads the dequantized base; plain LoRA gets an empty stand-in.
         let mut dora_weight = None;
         let no_weight = Matrix::zeros(0, 0);

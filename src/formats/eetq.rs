@@ -6,6 +6,8 @@
 //! EETQ's kernels build for besides sm70) use [`EetqLayout::Cutlass`], the default of
 //! [`EetqWeight::load`].
 
+mod fast;
+
 use std::ops::Range;
 use std::path::Path;
 

@@ -8,6 +8,7 @@
 //! `bias` `[N]`.
 
 mod config;
+mod fast;
 mod load;
 mod packing;
 mod quantize;

@@ -2,6 +2,7 @@
 //! CPU dequantization (the reference); the GPU kernels live in `crate::kernels`.
 
 pub mod eetq;
+pub(crate) mod fast_cpu;
 pub mod gptq;
 pub mod hqq;
 pub mod split;
@@ -40,6 +41,17 @@ pub enum QuantWeight {
 }
 
 impl QuantWeight {
+    /// The base matmul `x · Wᵀ (+ bias)` on the CPU in f32, with threads and SIMD: what a CPU
+    /// layer runs. Within the README's CPU tolerance of [`QuantFormat::forward_cpu`], the f64
+    /// reference it is tested against.
+    pub fn forward_fast(&self, x: &Matrix) -> Result<Matrix> {
+        match self {
+            Self::Hqq(w) => w.forward_fast(x),
+            Self::Gptq(w) => w.forward_fast(x),
+            Self::Eetq(w) => w.forward_fast(x),
+        }
+    }
+
     fn inner(&self) -> &dyn QuantFormat {
         match self {
             Self::Hqq(w) => w,

@@ -2,6 +2,7 @@
 //! dequantization, min-max quantization with the half-quadratic zero solver, and loading from
 //! the safetensors form that transformers and hqq save.
 
+mod fast;
 pub mod packing;
 pub mod solver;
 mod split;
