@@ -286,7 +286,7 @@ impl HostTensor {
         String::from_utf8(bytes).map_err(|_| self.dtype_error("ASCII text in U8"))
     }
 
-    /// An F32 tensor of `values` (length must match `shape`'s product).
+    /// An F32 tensor of `values`; `values.len()` must equal `shape`'s product (not checked).
     pub fn from_f32(name: &str, shape: &[usize], values: &[f32]) -> Self {
         Self {
             name: name.to_string(),

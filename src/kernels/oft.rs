@@ -66,7 +66,8 @@ fn check_key(entry: &'static str) -> ShaderKey {
     ShaderKey::new("oft_check", entry, ActDtype::F32)
 }
 
-/// Every shader variant this module compiles (rotation in f32 and f16, build and check entries), for warming the pipeline cache.
+/// Every shader specialization this module uses (the rotation in f32 and f16, the build and
+/// check entries), for [`crate::kernels::catalogue`].
 pub fn shader_keys() -> Vec<ShaderKey> {
     let mut keys = vec![key(ActDtype::F32), key(ActDtype::F16)];
     keys.extend(BUILD_ENTRIES.map(build_key));
