@@ -28,7 +28,9 @@ use crate::tensor::{Matrix, max_rel_error, rel_frobenius_error};
 /// Where a case runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
+    /// The CPU reference path.
     Cpu,
+    /// The wgpu kernels.
     Gpu,
 }
 
@@ -44,14 +46,19 @@ impl std::fmt::Display for Backend {
 /// The result of one case on one backend.
 #[derive(Debug)]
 pub struct Outcome {
+    /// The case's name in the manifest.
     pub case: String,
+    /// Where it ran.
     pub backend: Backend,
+    /// `Ok` if every output is within tolerance, else what failed and by how much.
     pub result: std::result::Result<(), String>,
 }
 
 /// Tolerances of the golden README for forward outputs.
 pub const CPU_TOLERANCE: f64 = 1e-5;
+/// Max relative error allowed for f32 GPU outputs.
 pub const GPU_TOLERANCE: f64 = 1e-4;
+/// Max relative error allowed for f16-activation outputs.
 pub const F16_TOLERANCE: f64 = 5e-3;
 
 /// Reads the manifest's case list.

@@ -14,16 +14,22 @@ use crate::tensor::Matrix;
 /// One tensor copied out of a safetensors file.
 #[derive(Clone, Debug)]
 pub struct HostTensor {
+    /// Tensor name as stored in the file.
     pub name: String,
+    /// Element type of `bytes`.
     pub dtype: Dtype,
+    /// Dimensions, outermost first (row-major).
     pub shape: Vec<usize>,
+    /// Raw little-endian data, `numel * dtype size` bytes.
     pub bytes: Vec<u8>,
 }
 
 /// All tensors of one safetensors file (or of an in-memory set), by name.
 #[derive(Clone, Debug, Default)]
 pub struct TensorFile {
+    /// Where the tensors came from (a path or a caller's label), used in error messages.
     pub label: String,
+    /// Tensors keyed by name.
     pub tensors: BTreeMap<String, HostTensor>,
 }
 
@@ -35,12 +41,14 @@ pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>> {
 }
 
 impl TensorFile {
+    /// Reads and parses a safetensors file; `Error::Io` if it cannot be read, `Error::Safetensors` if the header is malformed.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let bytes = read_file(path)?;
         Self::from_bytes(&bytes, &path.display().to_string())
     }
 
+    /// Parses a safetensors file held in memory; `label` names it in errors.
     pub fn from_bytes(bytes: &[u8], label: &str) -> Result<Self> {
         let header = header::Header::from_bytes(bytes, label)?;
         let tensors = header
@@ -74,6 +82,7 @@ impl TensorFile {
         x.to_rows(in_features)
     }
 
+    /// The tensor `name`, or `Error::MissingTensor` naming it and this file.
     pub fn get(&self, name: &str) -> Result<&HostTensor> {
         self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
             name: name.to_string(),
@@ -81,6 +90,7 @@ impl TensorFile {
         })
     }
 
+    /// Whether a tensor called `name` is present.
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }
@@ -92,6 +102,7 @@ impl TensorFile {
             .filter_map(move |k| k.strip_prefix(prefix))
     }
 
+    /// Adds `tensor` under its own name, replacing any tensor of that name.
     pub fn insert(&mut self, tensor: HostTensor) {
         self.tensors.insert(tensor.name.clone(), tensor);
     }
@@ -116,6 +127,7 @@ impl TensorFile {
         })
     }
 
+    /// Serializes to safetensors and writes `path`; `Error::Io` if the write fails.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let bytes = self.to_bytes()?;
@@ -127,6 +139,7 @@ impl TensorFile {
 }
 
 impl HostTensor {
+    /// Element count (product of `shape`; 1 for a scalar).
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
@@ -237,6 +250,7 @@ impl HostTensor {
         Ok(v)
     }
 
+    /// Raw bytes of a U8, I8 or BOOL tensor; `Error::Dtype` otherwise.
     pub fn to_u8(&self) -> Result<Vec<u8>> {
         match self.dtype {
             Dtype::U8 | Dtype::I8 | Dtype::BOOL => Ok(self.bytes.clone()),
@@ -244,6 +258,7 @@ impl HostTensor {
         }
     }
 
+    /// Values of an I8 tensor; `Error::Dtype` otherwise.
     pub fn to_i8(&self) -> Result<Vec<i8>> {
         match self.dtype {
             Dtype::I8 => Ok(self.bytes.iter().map(|b| *b as i8).collect()),
@@ -302,6 +317,7 @@ impl HostTensor {
         String::from_utf8(bytes).map_err(|_| self.dtype_error("ASCII text in U8"))
     }
 
+    /// An F32 tensor of `values`; `values.len()` must equal `shape`'s product (not checked).
     pub fn from_f32(name: &str, shape: &[usize], values: &[f32]) -> Self {
         Self {
             name: name.to_string(),
@@ -311,6 +327,7 @@ impl HostTensor {
         }
     }
 
+    /// An F16 tensor from `values`, rounded to nearest.
     pub fn from_f16(name: &str, shape: &[usize], values: &[f32]) -> Self {
         let halves: Vec<half::f16> = values.iter().map(|v| half::f16::from_f32(*v)).collect();
         Self {
@@ -321,6 +338,7 @@ impl HostTensor {
         }
     }
 
+    /// A tensor from raw little-endian bytes, unchecked.
     pub fn from_raw(name: &str, dtype: Dtype, shape: &[usize], bytes: Vec<u8>) -> Self {
         Self {
             name: name.to_string(),

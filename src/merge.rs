@@ -33,21 +33,40 @@ const REWRITTEN: [&str; 3] = ["W_q", "scale", "zero"];
 #[derive(Clone, Debug)]
 pub enum MergeEvent {
     /// Before the first module: how many modules the adapters touch (of how many).
-    Start { touched: usize, modules: usize },
+    Start {
+        /// Modules at least one adapter targets.
+        touched: usize,
+        /// Quantized modules in the checkpoint.
+        modules: usize,
+    },
     /// A touched module is merged and re-quantized.
-    Merged { module: String },
+    Merged {
+        /// The module's name in the checkpoint.
+        module: String,
+    },
     /// A shard file is written.
-    Written { file: String, bytes: u64 },
+    Written {
+        /// The shard's file name.
+        file: String,
+        /// Size of the written file in bytes.
+        bytes: u64,
+    },
 }
 
 /// What a finished merge wrote.
 #[derive(Clone, Debug)]
 pub struct MergeSummary {
+    /// The output checkpoint directory.
     pub out: PathBuf,
+    /// Quantized modules in the checkpoint.
     pub modules: usize,
+    /// Modules merged and re-quantized.
     pub merged: usize,
+    /// Shard files written.
     pub files: usize,
+    /// Total bytes of the written shards.
     pub bytes: u64,
+    /// Wall-clock duration of the merge.
     pub seconds: f64,
 }
 

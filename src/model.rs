@@ -27,11 +27,14 @@ use crate::tensor::Matrix;
 /// Activations of any leading shape `[..., features]`, f32.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Activations {
+    /// Dimensions, the last one the feature width; their product is `data.len()`.
     pub shape: Vec<usize>,
+    /// Values, row-major.
     pub data: Vec<f32>,
 }
 
 impl Activations {
+    /// Checks that `shape` has at least one dimension and holds exactly `data.len()` values (`Error::Shape` otherwise).
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Result<Self> {
         if shape.is_empty() || shape.iter().product::<usize>() != data.len() {
             return Err(Error::shape(
@@ -48,6 +51,7 @@ impl Activations {
         Self::new(t.shape.clone(), t.to_finite_f32()?)
     }
 
+    /// An F32 safetensors tensor called `name` with these values.
     pub fn to_host(&self, name: &str) -> HostTensor {
         HostTensor::from_f32(name, &self.shape, &self.data)
     }
@@ -101,6 +105,7 @@ impl Activations {
 /// An adapter folder attached to a [`Model`].
 #[derive(Clone, Debug)]
 pub struct ModelAdapter {
+    /// The name it was attached under, unique in the model.
     pub name: String,
     /// The folder, canonicalized (the same folder cannot be attached twice).
     pub dir: PathBuf,
@@ -192,14 +197,17 @@ impl Model {
         Ok(&mut self.layers[i])
     }
 
+    /// Attached adapters, in attach order.
     pub fn adapters(&self) -> &[ModelAdapter] {
         &self.adapters
     }
 
+    /// The adapter attached as `name`, if any.
     pub fn adapter(&self, name: &str) -> Option<&ModelAdapter> {
         self.adapters.iter().find(|a| a.name == name)
     }
 
+    /// Names of the active adapters, in the order they apply.
     pub fn active_adapters(&self) -> &[String] {
         &self.active
     }
@@ -327,6 +335,7 @@ impl Model {
             .try_for_each(|l| l.set_enabled(enabled))
     }
 
+    /// Sets how much adapter work each module's GPU forward fuses (see [`Fusion`]).
     pub fn set_fusion(&mut self, fusion: Fusion) {
         self.layers.iter_mut().for_each(|l| l.set_fusion(fusion));
     }

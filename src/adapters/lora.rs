@@ -14,7 +14,9 @@ use crate::error::{Error, Result, check_finite};
 use crate::io::HostTensor;
 use crate::tensor::Matrix;
 
+/// Tensor-name suffix of `A: [r, in]` in a PEFT adapter file.
 pub const LORA_A_SUFFIX: &str = "lora_A.weight";
+/// Tensor-name suffix of `B: [out, r]` in a PEFT adapter file.
 pub const LORA_B_SUFFIX: &str = "lora_B.weight";
 /// PEFT saves the DoRA magnitude without `.weight`; both spellings are accepted.
 pub const MAGNITUDE_SUFFIXES: [&str; 2] = ["lora_magnitude_vector", "lora_magnitude_vector.weight"];
@@ -39,16 +41,22 @@ const UNSUPPORTED_VARIANTS: [&str; 13] = [
 /// The fields of a LoRA `adapter_config.json` that matter for inference.
 #[derive(Clone, Debug)]
 pub struct LoraConfig {
+    /// Default rank `r` (rows of `A`).
     pub r: usize,
+    /// Default `lora_alpha`; scaling is `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
     pub lora_alpha: f64,
+    /// rsLoRA: scale by `alpha / sqrt(r)` instead of `alpha / r`.
     pub use_rslora: bool,
+    /// DoRA: the adapter also carries a magnitude vector `[out]`.
     pub use_dora: bool,
     /// Accepted and treated as `false`: it describes Conv1D's `[in, out]` storage, and PEFT
     /// forces it off (with a warning) for Linear layers and for HQQ.
     pub fan_in_fan_out: bool,
     /// Always `false` here: a `true` config is refused.
     pub lora_bias: bool,
+    /// Per-module rank overrides, matched against module names.
     pub rank_pattern: Patterns<usize>,
+    /// Per-module `lora_alpha` overrides, matched against module names.
     pub alpha_pattern: Patterns<f64>,
 }
 
@@ -212,18 +220,22 @@ impl LoraAdapter {
         })
     }
 
+    /// The adapter's name, as used in error messages and adapter selection.
     pub fn name(&self) -> &str {
         &self.name
     }
 
+    /// Input width of the adapted layer (columns of `A`).
     pub fn in_features(&self) -> usize {
         self.in_features
     }
 
+    /// Output width of the adapted layer (rows of `B`).
     pub fn out_features(&self) -> usize {
         self.out_features
     }
 
+    /// Rank `r`.
     pub fn rank(&self) -> usize {
         self.rank
     }
@@ -238,6 +250,7 @@ impl LoraAdapter {
         &self.b
     }
 
+    /// Scale `s` applied to `B·A`.
     pub fn scaling(&self) -> f32 {
         self.scaling
     }
@@ -247,6 +260,7 @@ impl LoraAdapter {
         self.magnitude.as_deref()
     }
 
+    /// Whether the adapter is DoRA (has a magnitude vector).
     pub fn is_dora(&self) -> bool {
         self.magnitude.is_some()
     }

@@ -16,11 +16,14 @@ use peft_dir::PeftAdapterDir;
 /// One named adapter: OFT rotates the input, LoRA / DoRA add to the output.
 #[derive(Clone, Debug)]
 pub enum Adapter {
+    /// Orthogonal fine-tuning: block rotations applied to the input.
     Oft(OftAdapter),
+    /// LoRA, rsLoRA or DoRA: a low-rank update added to the output.
     Lora(LoraAdapter),
 }
 
 impl Adapter {
+    /// The adapter's name, as used in error messages and adapter selection.
     pub fn name(&self) -> &str {
         match self {
             Adapter::Oft(a) => a.name(),

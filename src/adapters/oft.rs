@@ -28,9 +28,13 @@ pub struct OftConfig {
     pub oft_block_size: usize,
     /// A missing key means `true` (the field default; PEFT's docstring says otherwise).
     pub use_cayley_neumann: bool,
+    /// Series length when `use_cayley_neumann` is set (see [`Parameterization::Neumann`]).
     pub num_cayley_neumann_terms: usize,
+    /// COFT: constrain each block's generator to a Frobenius ball of radius `eps / sqrt(rows)`.
     pub coft: bool,
+    /// COFT's radius; must be positive and finite when `coft` is set.
     pub eps: f32,
+    /// One rotation block shared by all blocks (the parameter has a single row).
     pub block_share: bool,
     /// Parsed and ignored: no PEFT forward has applied it since 0.16.0, and it only ever acted in
     /// training mode.
@@ -118,6 +122,7 @@ impl OftConfig {
         })
     }
 
+    /// The rotation mode this config asks for.
     pub fn parameterization(&self) -> Parameterization {
         if self.use_cayley_neumann {
             Parameterization::Neumann {
@@ -171,7 +176,10 @@ pub enum Parameterization {
     /// `I + 2Q + 2Q² + … + 2Q^(p−1) + Q^p` with `p = max(terms − 1, 3)`; `terms ≤ 1` gives `I` and
     /// `terms = 2` gives `I + 2Q`. It approximates `(I + Q)(I − Q)⁻¹`, the *transpose* of the exact
     /// mode's rotation: an adapter must run in the mode it was trained in.
-    Neumann { terms: usize },
+    Neumann {
+        /// PEFT's `num_cayley_neumann_terms`.
+        terms: usize,
+    },
 }
 
 /// One OFT adapter on one Linear layer, validated, COFT-projected, with its rotations computed.
@@ -222,14 +230,17 @@ impl OftAdapter {
         .map_err(in_adapter(name))
     }
 
+    /// The adapter's name, as used in error messages and adapter selection.
     pub fn name(&self) -> &str {
         &self.name
     }
 
+    /// Width of the rotated input.
     pub fn in_features(&self) -> usize {
         self.in_features
     }
 
+    /// Rows and columns of one rotation block.
     pub fn block_size(&self) -> usize {
         self.block_size
     }
@@ -239,14 +250,17 @@ impl OftAdapter {
         self.n_blocks
     }
 
+    /// Whether all blocks share one parameter row.
     pub fn block_share(&self) -> bool {
         self.block_share
     }
 
+    /// How each generator becomes a rotation.
     pub fn parameterization(&self) -> Parameterization {
         self.parameterization
     }
 
+    /// COFT's radius if COFT was applied at load, else `None`.
     pub fn coft_eps(&self) -> Option<f32> {
         self.coft_eps
     }

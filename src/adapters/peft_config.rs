@@ -21,9 +21,13 @@ pub const KEY_PREFIX: &str = "base_model.model.";
 /// `.name` ending, or one regex the whole name must match.
 #[derive(Clone, Debug)]
 pub enum ModuleSelector {
+    /// Module names (or their `.name` endings) to match.
     Names(Vec<String>),
+    /// A regex the whole module name must match.
     Regex {
+        /// The pattern as written in the config.
         source: String,
+        /// The compiled pattern, anchored at both ends.
         regex: Regex,
     },
     /// `"all-linear"`: every linear layer but the output layer (`lm_head`).
@@ -134,6 +138,7 @@ impl<T: Copy> Patterns<T> {
             .map(|(_, _, v)| *v)
     }
 
+    /// Every override value, in config order.
     pub fn values(&self) -> impl Iterator<Item = &T> {
         self.entries.iter().map(|(_, _, v)| v)
     }
@@ -152,25 +157,39 @@ fn compile(key: &str, source: &str, pattern: &str) -> Result<Regex> {
 /// Which adapter method the folder holds, with its method-specific settings.
 #[derive(Clone, Debug)]
 pub enum Method {
+    /// An OFT adapter's config.
     Oft(OftConfig),
+    /// A LoRA (rsLoRA, DoRA) adapter's config.
     Lora(LoraConfig),
 }
 
 /// What an adapter does to one module, as PEFT resolves it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ModuleSettings {
+    /// Block rotations on the module's input.
     Oft {
+        /// Number of diagonal blocks (`in_features / block_size`).
         blocks: usize,
+        /// Rows and columns of one block.
         block_size: usize,
+        /// How each generator becomes a rotation.
         parameterization: Parameterization,
+        /// COFT's radius, if COFT is on.
         coft_eps: Option<f32>,
+        /// Whether all blocks share one parameter row.
         block_share: bool,
     },
+    /// A low-rank update on the module's output.
     Lora {
+        /// Rank `r` after `rank_pattern`.
         rank: usize,
+        /// `lora_alpha` after `alpha_pattern`.
         alpha: f64,
+        /// Scale applied to `B·A`: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
         scaling: f32,
+        /// Whether rsLoRA scaling is used.
         rslora: bool,
+        /// Whether the adapter is DoRA.
         dora: bool,
     },
 }
@@ -227,12 +246,17 @@ impl std::fmt::Display for ModuleSettings {
 pub struct PeftConfig {
     /// `"OFT"` or `"LORA"`.
     pub peft_type: String,
+    /// The method and its own settings.
     pub method: Method,
     /// `None` when the config has none (PEFT then uses its per-architecture defaults, which
     /// the adapter's tensors reflect): the modules holding tensors are the targets.
     pub target_modules: Option<ModuleSelector>,
+    /// Modules never adapted, even when targeted.
     pub exclude_modules: Option<ModuleSelector>,
+    /// Only adapt layers with these indices (`None`: every layer).
     pub layers_to_transform: Option<Vec<i64>>,
+    /// Names after which a module name carries its layer index (`model.layers.3.` for `layers`);
+    /// empty: the number after any `.<name>.`.
     pub layers_pattern: Vec<String>,
 }
 
@@ -409,6 +433,7 @@ impl PeftConfig {
         }))
     }
 
+    /// The OFT settings, or `None` for a LoRA config.
     pub fn oft(&self) -> Option<&OftConfig> {
         match &self.method {
             Method::Oft(c) => Some(c),
@@ -416,6 +441,7 @@ impl PeftConfig {
         }
     }
 
+    /// The LoRA settings, or `None` for an OFT config.
     pub fn lora(&self) -> Option<&LoraConfig> {
         match &self.method {
             Method::Lora(c) => Some(c),

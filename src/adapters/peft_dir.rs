@@ -62,6 +62,7 @@ impl PeftAdapterDir {
         })
     }
 
+    /// The adapter directory.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -76,6 +77,7 @@ impl PeftAdapterDir {
         &self.config
     }
 
+    /// The tensors of `adapter_model.safetensors`, keyed as PEFT saved them.
     pub fn tensors(&self) -> &TensorFile {
         &self.tensors
     }

@@ -14,8 +14,11 @@ use crate::formats::gptq::GptqConfig;
 /// A quantized weight format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Format {
+    /// HQQ (`quant_method: "hqq"`).
     Hqq,
+    /// GPTQ (`quant_method: "gptq"`, or a `quantize_config.json`).
     Gptq,
+    /// EETQ int8 (`quant_method: "eetq"`).
     Eetq,
 }
 
@@ -46,9 +49,11 @@ impl fmt::Display for Format {
 /// HQQ's `weight_quant_params` as transformers' `HqqConfig` writes them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HqqParams {
+    /// Bits per code.
     pub nbits: u32,
     /// `None`: `group_size: null`, one group per row (channel-wise).
     pub group_size: Option<usize>,
+    /// HQQ grouping axis, 0 or 1.
     pub axis: usize,
 }
 
@@ -66,15 +71,19 @@ pub struct HqqCheckpointConfig {
 /// What `config.json` (or, for GPTQ, `quantize_config.json`) says the checkpoint holds.
 #[derive(Clone, Debug, PartialEq)]
 pub enum QuantizationConfig {
+    /// HQQ, with its quantization parameters and skipped modules.
     Hqq(HqqCheckpointConfig),
+    /// GPTQ, with its bits, group size and ordering.
     Gptq(GptqConfig),
     /// EETQ int8, per output channel; `modules_to_not_convert` as written.
     Eetq {
+        /// Modules left unquantized.
         modules_to_not_convert: Vec<String>,
     },
 }
 
 impl QuantizationConfig {
+    /// Which format the config describes.
     pub fn format(&self) -> Format {
         match self {
             Self::Hqq(_) => Format::Hqq,

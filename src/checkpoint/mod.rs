@@ -54,12 +54,16 @@ pub const CONFIG_FILE: &str = "config.json";
 pub struct ModuleInfo {
     /// As the checkpoint writes it, without trailing dot: `model.layers.0.self_attn.q_proj`.
     pub name: String,
+    /// Its quantization format.
     pub format: Format,
+    /// Bits per weight code (8 for EETQ).
     pub bits: u32,
     /// Inputs per quantization group; `None` for one group per output channel (EETQ, GPTQ
     /// `group_size: -1`).
     pub group_size: Option<usize>,
+    /// Columns of the dense `[out, in]` weight.
     pub in_features: usize,
+    /// Rows of the dense `[out, in]` weight.
     pub out_features: usize,
     /// Bytes of the module's tensors as stored (packed weight, scales, zeros, meta, bias): what
     /// [`Checkpoint::load_module`] reads.
@@ -81,6 +85,7 @@ impl ModuleInfo {
 /// `model.safetensors.index.json`: which shard holds each tensor.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ShardIndex {
+    /// Where the index file was read from.
     pub path: PathBuf,
     /// Tensor name -> shard file name, as written.
     pub weight_map: BTreeMap<String, String>,

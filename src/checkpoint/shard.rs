@@ -48,6 +48,7 @@ impl Shard {
         })
     }
 
+    /// The shard file's path.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -80,6 +81,7 @@ impl Shard {
         self.file_len
     }
 
+    /// Where tensor `name` lies in the file, or `None` if this shard does not hold it.
     pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
         self.by_name.get(name).map(|i| &self.header.tensors[*i])
     }

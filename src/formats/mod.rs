@@ -14,8 +14,11 @@ use crate::tensor::Matrix;
 pub trait QuantFormat {
     /// `"hqq"`, `"gptq"` or `"eetq"`.
     fn format_name(&self) -> &'static str;
+    /// Rows of the dense `[out, in]` weight.
     fn out_features(&self) -> usize;
+    /// Columns of the dense `[out, in]` weight (the input width).
     fn in_features(&self) -> usize;
+    /// Bias of length `out_features`, if the layer has one.
     fn bias(&self) -> Option<&[f32]>;
     /// The dequantized `[out, in]` weight, exactly as the format's own library computes it.
     fn dequantize(&self) -> Matrix;
@@ -35,8 +38,11 @@ pub trait QuantFormat {
 /// A base weight in any of the supported formats.
 #[derive(Clone, Debug)]
 pub enum QuantWeight {
+    /// HQQ weight (`HQQLinear` layout).
     Hqq(hqq::HqqWeight),
+    /// GPTQ weight (AutoGPTQ / GPTQModel layout).
     Gptq(gptq::GptqWeight),
+    /// EETQ int8 per-channel weight.
     Eetq(eetq::EetqWeight),
 }
 

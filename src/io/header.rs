@@ -24,8 +24,11 @@ const METADATA_KEY: &str = "__metadata__";
 /// Where one tensor lies in its file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TensorEntry {
+    /// Tensor name.
     pub name: String,
+    /// Element type.
     pub dtype: Dtype,
+    /// Dimensions, outermost first.
     pub shape: Vec<usize>,
     /// Absolute byte range in the file (header included), so `range.start` is a file offset.
     pub range: Range<u64>,
@@ -37,6 +40,7 @@ impl TensorEntry {
         self.range.end - self.range.start
     }
 
+    /// Whether the tensor holds no bytes (a zero-sized dimension).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

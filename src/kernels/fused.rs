@@ -201,8 +201,8 @@ pub(crate) fn with_fused_flags(key: ShaderKey, oft: bool, lora: Option<EpilogueK
 const OFT_PROLOGUE_TRIPS: usize = 16_384;
 
 /// Whether the OFT prologue's loops stay short enough for every driver at `m` rows, `k` inputs
-/// and blocks of `b` (see [`OFT_PROLOGUE_TRIPS`]); where they do not, the rotation runs as a
-/// launch of its own, whatever the fusion setting.
+/// and blocks of `b` (`m·k·b / GEMV_WORKGROUP` trips, at most 16384); where they do not, the
+/// rotation runs as a launch of its own, whatever the fusion setting.
 pub fn oft_prologue_fits(m: usize, k: usize, b: usize) -> bool {
     m.saturating_mul(k).saturating_mul(b) / crate::kernels::quant::GEMV_WORKGROUP as usize
         <= OFT_PROLOGUE_TRIPS

@@ -66,6 +66,8 @@ fn check_key(entry: &'static str) -> ShaderKey {
     ShaderKey::new("oft_check", entry, ActDtype::F32)
 }
 
+/// Every shader specialization this module uses (the rotation in f32 and f16, the build and
+/// check entries), for [`crate::kernels::catalogue`].
 pub fn shader_keys() -> Vec<ShaderKey> {
     let mut keys = vec![key(ActDtype::F32), key(ActDtype::F16)];
     keys.extend(BUILD_ENTRIES.map(build_key));
@@ -422,7 +424,9 @@ impl BlockBuild {
 /// A block-diagonal rotation resident on the GPU.
 #[derive(Debug)]
 pub struct GpuOft {
+    /// Width of the rotated input (`blocks * block_size`).
     pub in_features: usize,
+    /// Rows and columns of one rotation block.
     pub block_size: usize,
     stored_blocks: usize,
     blocks: wgpu::Buffer,

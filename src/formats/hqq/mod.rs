@@ -19,8 +19,11 @@ pub use solver::SolverParams;
 /// The dtype HQQ computes in: scale, zero, bias and the dequantized weight are rounded to it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ComputeDtype {
+    /// IEEE half precision (`torch.float16`).
     F16,
+    /// bfloat16 (`torch.bfloat16`).
     BF16,
+    /// f32 (`torch.float32`): no rounding.
     F32,
 }
 
@@ -49,13 +52,16 @@ impl ComputeDtype {
 /// How quantization groups are laid over the flattened `[out, in]` weight.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Grouping {
+    /// Elements in the whole weight (`out * in`).
     pub numel: usize,
+    /// Elements per quantization group.
     pub group_size: usize,
     /// 1: group of flat index f is `f / group_size`; 0: `f % (numel / group_size)` (strided).
     pub axis: usize,
 }
 
 impl Grouping {
+    /// Checks that `group_size` divides `numel` and that `axis` is 0 or 1; `Error::Config` otherwise.
     pub fn new(numel: usize, group_size: usize, axis: usize) -> Result<Self> {
         if group_size == 0 || numel == 0 || !numel.is_multiple_of(group_size) {
             return Err(Error::config(format!(
@@ -74,10 +80,12 @@ impl Grouping {
         })
     }
 
+    /// Number of groups (`numel / group_size`): one scale and one zero each.
     pub fn groups(&self) -> usize {
         self.numel / self.group_size
     }
 
+    /// Group index of flat weight index `flat` (row-major `[out, in]`).
     pub fn group_of(&self, flat: usize) -> usize {
         if self.axis == 1 {
             flat / self.group_size
@@ -108,14 +116,19 @@ impl Grouping {
 /// How to quantize a dense weight into HQQ.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct HqqConfig {
+    /// Bits per code: 8, 6, 5, 4, 3, 2 or 1.
     pub nbits: u32,
+    /// Elements per group; must divide `out * in`.
     pub group_size: usize,
+    /// Grouping axis, 0 or 1 (see [`Grouping::axis`]).
     pub axis: usize,
     /// Run the half-quadratic solver (HQQLinear's default) or stop at min-max.
     pub optimize: bool,
     /// Round the initial zero (HQQLinear does so for 4-bit only).
     pub round_zero: bool,
+    /// Half-quadratic solver settings, used when `optimize` is set.
     pub solver: SolverParams,
+    /// Dtype the scale, zero and dequantized weight are rounded to.
     pub compute_dtype: ComputeDtype,
 }
 
@@ -133,6 +146,7 @@ impl HqqConfig {
         }
     }
 
+    /// Largest code, `2^nbits - 1`.
     pub fn max_code(&self) -> f32 {
         ((1u32 << self.nbits) - 1) as f32
     }
@@ -141,18 +155,27 @@ impl HqqConfig {
 /// An HQQ-quantized `[out, in]` weight, packed as HQQ stores it.
 #[derive(Clone, Debug)]
 pub struct HqqWeight {
+    /// Rows of the dense weight.
     pub out_features: usize,
+    /// Columns of the dense weight.
     pub in_features: usize,
+    /// Bit layout of `packed`.
     pub packing: Packing,
+    /// How groups map onto the flattened weight.
     pub grouping: Grouping,
     /// `W_q` bytes as stored (uint8, or little-endian int32 words for 3-bit).
     pub packed: Vec<u8>,
+    /// Rows of the stored `W_q` tensor (grouped rows / codes per element).
     pub packed_rows: usize,
+    /// Columns of the stored `W_q` tensor.
     pub packed_cols: usize,
     /// Multiplicative scale and float zero per group, as stored (already in compute dtype).
     pub scale: Vec<f32>,
+    /// Float zero per group, in code units (`w = (q - zero) * scale`).
     pub zero: Vec<f32>,
+    /// Optional bias of length `out_features`.
     pub bias: Option<Vec<f32>>,
+    /// Dtype the stored metadata is in and dequantization rounds to.
     pub compute_dtype: ComputeDtype,
 }
 
@@ -221,6 +244,7 @@ impl HqqWeight {
         })
     }
 
+    /// Bits per code.
     pub fn nbits(&self) -> u32 {
         self.packing.nbits
     }

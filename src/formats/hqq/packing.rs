@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 /// The packing HQQ uses for a bit width: its storage word and how many codes one word holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Packing {
+    /// Bits per code.
     pub nbits: u32,
     /// Codes per stored element (1, 2, 4, 8, or 10 for 3-bit).
     pub per_element: usize,
@@ -18,6 +19,7 @@ pub struct Packing {
 }
 
 impl Packing {
+    /// The layout for `nbits`; `Error::Config` for a width HQQ does not pack (not 8, 6, 5, 4, 3, 2 or 1).
     pub fn for_bits(nbits: u32) -> Result<Self> {
         let (per_element, element_bytes) = match nbits {
             8 | 6 | 5 => (1, 1),
@@ -80,6 +82,7 @@ impl Packing {
         }
     }
 
+    /// Mask of one field's low bits, `2^field_bits - 1`.
     pub fn mask(&self) -> u32 {
         (1u32 << self.field_bits()) - 1
     }

@@ -7,12 +7,16 @@ use super::Grouping;
 /// The solver's parameters, HQQ's defaults in [`Default`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SolverParams {
+    /// Exponent `p` of the lp norm the shrinkage minimises (HQQ default 0.7).
     pub lp_norm: f32,
+    /// Penalty weight of the half-quadratic split (HQQ default 10).
     pub beta: f32,
     /// Growth of beta per improving iteration. hqq 0.2.8 ignores it (beta stays constant); the
     /// dropbox/hqq fork multiplies beta by kappa. `grow_beta` picks the behaviour.
     pub kappa: f32,
+    /// Multiply `beta` by `kappa` after each improving iteration (off in hqq 0.2.8).
     pub grow_beta: bool,
+    /// Maximum iterations; the solver stops earlier once the error stops falling.
     pub iters: usize,
 }
 
