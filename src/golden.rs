@@ -27,18 +27,18 @@ use crate::tensor::{Matrix, max_rel_error, rel_frobenius_error};
 
 /// Where a case runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
+pub enum GoldenBackend {
     /// The CPU reference path.
     Cpu,
     /// The wgpu kernels.
     Gpu,
 }
 
-impl std::fmt::Display for Backend {
+impl std::fmt::Display for GoldenBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Backend::Cpu => "cpu",
-            Backend::Gpu => "gpu",
+            GoldenBackend::Cpu => "cpu",
+            GoldenBackend::Gpu => "gpu",
         })
     }
 }
@@ -49,7 +49,7 @@ pub struct Outcome {
     /// The case's name in the manifest.
     pub case: String,
     /// Where it ran.
-    pub backend: Backend,
+    pub backend: GoldenBackend,
     /// `Ok` if every output is within tolerance, else what failed and by how much.
     pub result: std::result::Result<(), String>,
 }
@@ -76,9 +76,9 @@ pub fn read_manifest(dir: &Path) -> Result<Vec<Value>> {
         .ok_or_else(|| Error::config(format!("{}: no `cases` array", path.display())))
 }
 
-/// Runs every case on every backend. `gpu` must be given when `backends` holds [`Backend::Gpu`];
+/// Runs every case on every backend. `gpu` must be given when `backends` holds [`GoldenBackend::Gpu`];
 /// without it those outcomes fail with the reason.
-pub fn run(dir: &Path, backends: &[Backend], gpu: Option<&GpuContext>) -> Result<Vec<Outcome>> {
+pub fn run(dir: &Path, backends: &[GoldenBackend], gpu: Option<&GpuContext>) -> Result<Vec<Outcome>> {
     let cases = read_manifest(dir)?;
     let mut outcomes = Vec::new();
     for case in &cases {
@@ -105,7 +105,7 @@ pub fn run(dir: &Path, backends: &[Backend], gpu: Option<&GpuContext>) -> Result
 fn model_outcomes(
     case_dir: &Path,
     spec: &Value,
-    backend: Backend,
+    backend: GoldenBackend,
     gpu: Option<&GpuContext>,
 ) -> Vec<Outcome> {
     let name = spec["name"].as_str().unwrap_or("<unnamed>");
@@ -115,9 +115,9 @@ fn model_outcomes(
         result: result.map_err(|e| e.to_string()),
     };
     let ctx = match (backend, gpu) {
-        (Backend::Cpu, _) => None,
-        (Backend::Gpu, Some(ctx)) => Some(ctx),
-        (Backend::Gpu, None) => {
+        (GoldenBackend::Cpu, _) => None,
+        (GoldenBackend::Gpu, Some(ctx)) => Some(ctx),
+        (GoldenBackend::Gpu, None) => {
             let missing = Error::NoGpu("no GPU adapter for this run".into());
             return vec![outcome(name.to_string(), Err(missing))];
         }
@@ -183,7 +183,7 @@ impl Case<'_> {
     }
 }
 
-fn run_case(dir: &Path, spec: &Value, backend: Backend, gpu: Option<&GpuContext>) -> Result<()> {
+fn run_case(dir: &Path, spec: &Value, backend: GoldenBackend, gpu: Option<&GpuContext>) -> Result<()> {
     let name = spec["name"]
         .as_str()
         .ok_or_else(|| Error::config("case without a name"))?;
@@ -194,8 +194,8 @@ fn run_case(dir: &Path, spec: &Value, backend: Backend, gpu: Option<&GpuContext>
         spec,
     };
     let gpu = match backend {
-        Backend::Cpu => None,
-        Backend::Gpu => {
+        GoldenBackend::Cpu => None,
+        GoldenBackend::Gpu => {
             Some(gpu.ok_or_else(|| Error::NoGpu("no GPU adapter for this run".into()))?)
         }
     };

@@ -15,7 +15,7 @@ use quantadapt::checkpoint::{Checkpoint, Format, ModuleInfo};
 use quantadapt::formats::QuantFormat;
 use quantadapt::formats::QuantWeight;
 use quantadapt::formats::hqq::{HqqConfig, HqqWeight};
-use quantadapt::golden::{self, Backend};
+use quantadapt::golden::{self, GoldenBackend};
 use quantadapt::gpu::timing::{median, time_pass};
 use quantadapt::gpu::{ActDtype, GpuContext, GpuTensor};
 use quantadapt::io::{HostTensor, TensorFile};
@@ -411,12 +411,12 @@ fn info() -> Result<ExitCode> {
 }
 
 fn verify_golden(dir: &std::path::Path, backend: BackendArg) -> Result<ExitCode> {
-    let backends: &[Backend] = match backend {
-        BackendArg::Cpu => &[Backend::Cpu],
-        BackendArg::Gpu => &[Backend::Gpu],
-        BackendArg::Both => &[Backend::Cpu, Backend::Gpu],
+    let backends: &[GoldenBackend] = match backend {
+        BackendArg::Cpu => &[GoldenBackend::Cpu],
+        BackendArg::Gpu => &[GoldenBackend::Gpu],
+        BackendArg::Both => &[GoldenBackend::Cpu, GoldenBackend::Gpu],
     };
-    let gpu = match backends.contains(&Backend::Gpu) {
+    let gpu = match backends.contains(&GoldenBackend::Gpu) {
         true => match GpuContext::new() {
             Ok(ctx) => {
                 // A verification run: outputs start as NaN so unwritten elements fail.
