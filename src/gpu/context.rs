@@ -229,6 +229,17 @@ impl GpuContext {
             return Ok(p.clone());
         }
         self.check_alive()?;
+        for (needed, has, feature) in [
+            (key.needs_f16(), self.has_f16(), "SHADER_F16"),
+            (key.needs_subgroups(), self.has_subgroups(), "SUBGROUP"),
+        ] {
+            if needed && !has {
+                return Err(Error::Unsupported(format!(
+                    "{} ({}) needs {feature}, which {} ({:?}) lacks",
+                    key.family, key.entry, self.info.name, self.info.backend
+                )));
+            }
+        }
         let source = key.source()?;
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = self
