@@ -150,8 +150,11 @@ fn init(
     if (g >= qp.groups) {
         return;
     }
-    var lo = bitcast<f32>(0x7f800000u);
-    var hi = bitcast<f32>(0xff800000u);
+    // The largest finite magnitudes, not infinities: a constant expression that evaluates to an
+    // infinity is a shader-creation error in WGSL. Every group holds a finite value, so the
+    // results are the same.
+    var lo = bitcast<f32>(0x7f7fffffu);
+    var hi = bitcast<f32>(0xff7fffffu);
     for (var i = lid; i < qp.group_size; i += WG) {
         let v = w[flat_index(g, i)];
         lo = min(lo, v);

@@ -28,6 +28,10 @@ const FILES: &[(&str, &str)] = &[
         include_str!("../../shaders/common/mixed_slots.wgsl"),
     ),
     (
+        "common/oft_blocks.wgsl",
+        include_str!("../../shaders/common/oft_blocks.wgsl"),
+    ),
+    (
         "common/quant_format.wgsl",
         include_str!("../../shaders/common/quant_format.wgsl"),
     ),
@@ -68,6 +72,10 @@ const FILES: &[(&str, &str)] = &[
     (
         "oft_build.wgsl",
         include_str!("../../shaders/oft_build.wgsl"),
+    ),
+    (
+        "oft_check.wgsl",
+        include_str!("../../shaders/oft_check.wgsl"),
     ),
     (
         "oft_rotate.wgsl",

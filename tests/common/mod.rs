@@ -48,6 +48,23 @@ pub fn random_matrix(rows: usize, cols: usize, scale: f32) -> Matrix {
     m
 }
 
+/// A matrix of fresh N(0, std²) values (Box-Muller), as PEFT's `init_weights=False` draws OFT
+/// generators (std 0.1).
+pub fn random_normal(rows: usize, cols: usize, std: f32) -> Matrix {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    let data = (0..rows * cols)
+        .map(|_| {
+            let u1: f64 = rng.random_range(f64::EPSILON..1.0);
+            let u2: f64 = rng.random();
+            (std as f64 * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+        })
+        .collect();
+    let m = Matrix::new(rows, cols, data).unwrap();
+    assert!(m.data.iter().any(|v| *v != 0.0));
+    m
+}
+
 /// One golden `hqq_quant` case: HQQ's own packing, dequantization and solver outputs.
 pub struct HqqQuantCase {
     pub name: String,
