@@ -33,7 +33,7 @@ fn oft_rotation_matches_cpu_for_every_block_size_and_parameterization() {
                 OftAdapter::from_params("r", in_features, params, parameterization, None, share)
                     .unwrap();
             let gpu_oft = GpuOft::upload(ctx, &oft.blocks_flat(), b, in_features).unwrap();
-            for act in [ActDtype::F32, ActDtype::F16] {
+            for act in common::act_dtypes(ctx) {
                 let x = match act {
                     ActDtype::F32 => random_matrix(5, in_features, 1.0),
                     ActDtype::F16 => rounded_f16(&random_matrix(5, in_features, 1.0)),

@@ -85,7 +85,7 @@ fn dense_f16_matches_the_cpu_on_both_paths() {
     assert_eq!(dense.resident_bytes(), out * 72 * 2 + out * 4);
     for m in [1, 3, 8, 9, 16, 20, 65] {
         let x = random_matrix(m, inp, 1.0);
-        for act in [ActDtype::F32, ActDtype::F16] {
+        for act in common::act_dtypes(ctx) {
             let mut xin = x.clone();
             if act == ActDtype::F16 {
                 xin.round_to_f16();

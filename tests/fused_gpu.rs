@@ -120,10 +120,7 @@ fn layer(base: &QuantWeight, adapters: &[Adapter], backend: Backend) -> QuantLin
 #[test]
 fn fused_paths_equal_the_separate_launches_and_the_cpu() {
     let ctx = gpu();
-    let mut acts = vec![ActDtype::F32];
-    if ctx.has_f16() {
-        acts.push(ActDtype::F16);
-    }
+    let acts = common::act_dtypes(ctx);
     for (format, base) in bases() {
         for (set, adapters) in adapter_sets() {
             let cpu = layer(&base, &adapters, Backend::Cpu);

@@ -28,7 +28,7 @@ fn check(weight: &QuantWeight) {
         // 64 rows and more: each invocation computes a 4 x 4 block of a 64 x 64 tile.
         (67, &[MatmulPath::Tiled][..]),
     ] {
-        for act in [ActDtype::F32, ActDtype::F16] {
+        for act in common::act_dtypes(ctx) {
             let mut x = random_matrix(m, weight.in_features(), 1.0);
             if act == ActDtype::F16 {
                 x.round_to_f16();

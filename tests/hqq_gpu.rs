@@ -57,7 +57,7 @@ fn check_layer(out: usize, inp: usize, config: HqqConfig, rows: &[usize]) {
     for &m in rows {
         let x = random_matrix(m, inp, 1.0);
         let expected = w.forward_cpu(&x).unwrap();
-        for act in [ActDtype::F32, ActDtype::F16] {
+        for act in common::act_dtypes(ctx) {
             let xin = match act {
                 ActDtype::F32 => x.clone(),
                 ActDtype::F16 => {

@@ -328,11 +328,16 @@ impl GpuContext {
             return Ok(p);
         }
         self.check_alive()?;
-        if key.needs_f16() && !self.has_f16() {
-            return Err(Error::Unsupported(format!(
-                "`{}` in f16 needs SHADER_F16, which {} lacks; use f32 activations",
-                key.family, self.info.name
-            )));
+        for (needed, has, feature) in [
+            (key.needs_f16(), self.has_f16(), "SHADER_F16"),
+            (key.needs_subgroups(), self.has_subgroups(), "SUBGROUP"),
+        ] {
+            if needed && !has {
+                return Err(Error::Unsupported(format!(
+                    "{} ({}) needs {feature}, which {} ({:?}) lacks",
+                    key.family, key.entry, self.info.name, self.info.backend
+                )));
+            }
         }
         let source = key.source()?;
         self.shared

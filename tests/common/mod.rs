@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use quantadapt::gpu::GpuContext;
+use quantadapt::Error;
+use quantadapt::gpu::{ActDtype, GpuContext, GpuTensor};
 use quantadapt::tensor::Matrix;
 
 /// The GPU every GPU test runs on, with outputs NaN-poisoned so that unwritten elements show.
@@ -18,6 +19,26 @@ pub fn gpu() -> &'static GpuContext {
         }
         Err(e) => panic!("GPU tests need an adapter (install mesa-vulkan-drivers): {e}"),
     })
+}
+
+/// The activation dtypes the GPU tests run on `ctx`: f32, and f16 where the device has
+/// SHADER_F16. Where it lacks it (wgpu's GL backend) f16 activations must be refused with
+/// `Error::Unsupported`, which this asserts and says on stderr, so the f16 half is never
+/// counted as passed without running.
+pub fn act_dtypes(ctx: &GpuContext) -> Vec<ActDtype> {
+    if ctx.has_f16() {
+        return vec![ActDtype::F32, ActDtype::F16];
+    }
+    match GpuTensor::upload(ctx, &random_matrix(2, 8, 1.0), ActDtype::F16) {
+        Err(Error::Unsupported(_)) => {}
+        Err(e) => panic!("f16 on a device without SHADER_F16: expected Unsupported, got {e}"),
+        Ok(_) => panic!("f16 activations accepted by a device without SHADER_F16"),
+    }
+    eprintln!(
+        "{}: no SHADER_F16; f16 activations refused as they must be, f32 tested only",
+        ctx.describe()
+    );
+    vec![ActDtype::F32]
 }
 
 pub fn golden_dir() -> PathBuf {
