@@ -8,7 +8,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use quantadapt::gpu::shaders::{ShaderKey, catalogue};
+use quantadapt::gpu::shaders::ShaderKey;
+use quantadapt::kernels::catalogue;
 use serde_json::{Value, json};
 
 /// WebGPU rounds each workgroup variable up to 16 bytes when it sums them.

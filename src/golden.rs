@@ -78,7 +78,11 @@ pub fn read_manifest(dir: &Path) -> Result<Vec<Value>> {
 
 /// Runs every case on every backend. `gpu` must be given when `backends` holds [`GoldenBackend::Gpu`];
 /// without it those outcomes fail with the reason.
-pub fn run(dir: &Path, backends: &[GoldenBackend], gpu: Option<&GpuContext>) -> Result<Vec<Outcome>> {
+pub fn run(
+    dir: &Path,
+    backends: &[GoldenBackend],
+    gpu: Option<&GpuContext>,
+) -> Result<Vec<Outcome>> {
     let cases = read_manifest(dir)?;
     let mut outcomes = Vec::new();
     for case in &cases {
@@ -183,7 +187,12 @@ impl Case<'_> {
     }
 }
 
-fn run_case(dir: &Path, spec: &Value, backend: GoldenBackend, gpu: Option<&GpuContext>) -> Result<()> {
+fn run_case(
+    dir: &Path,
+    spec: &Value,
+    backend: GoldenBackend,
+    gpu: Option<&GpuContext>,
+) -> Result<()> {
     let name = spec["name"]
         .as_str()
         .ok_or_else(|| Error::config("case without a name"))?;

@@ -10,7 +10,12 @@ use quantadapt::golden::{self, GoldenBackend};
 fn every_golden_case_passes_on_cpu_and_gpu() {
     let cases = golden::read_manifest(&golden_dir()).unwrap();
     assert!(cases.len() >= 140);
-    let outcomes = golden::run(&golden_dir(), &[GoldenBackend::Cpu, GoldenBackend::Gpu], Some(gpu())).unwrap();
+    let outcomes = golden::run(
+        &golden_dir(),
+        &[GoldenBackend::Cpu, GoldenBackend::Gpu],
+        Some(gpu()),
+    )
+    .unwrap();
     assert_eq!(outcomes.len(), 2 * cases.len());
     let failures: Vec<String> = outcomes
         .iter()

@@ -7,8 +7,8 @@ mod common;
 use quantadapt::Error;
 use quantadapt::formats::hqq::{HqqConfig, HqqWeight};
 use quantadapt::formats::{QuantFormat, QuantWeight};
-use quantadapt::gpu::shaders::catalogue;
 use quantadapt::gpu::{ActDtype, GpuContext, GpuTensor};
+use quantadapt::kernels::catalogue;
 use quantadapt::kernels::quant::GpuQuantWeight;
 use quantadapt::tensor::max_rel_error;
 

@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use crate::error::{Error, Result};
@@ -335,8 +335,16 @@ pub fn read_buffer(ctx: &GpuContext, buffer: &wgpu::Buffer, len: usize) -> Resul
 struct Readback {
     staging: wgpu::Buffer,
     len: usize,
-    state: Arc<Mutex<MapState>>,
+    state: Arc<MapSignal>,
     index: wgpu::SubmissionIndex,
+}
+
+/// The mapping's result, set by its callback, with what waits for it: a blocked thread (the
+/// condition variable) or a future (the waker).
+#[derive(Default)]
+struct MapSignal {
+    state: Mutex<MapState>,
+    done: Condvar,
 }
 
 #[derive(Default)]
@@ -364,16 +372,17 @@ fn start_readback(
         },
     )?;
     let index = ctx.submit(|enc| enc.copy_buffer_to_buffer(buffer, offset, &staging, 0, size))?;
-    let state = Arc::new(Mutex::new(MapState::default()));
+    let state = Arc::new(MapSignal::default());
     let sink = Arc::clone(&state);
     let ((), validation, _) = ctx.capture(|| {
         staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-            if let Ok(mut s) = sink.lock() {
+            if let Ok(mut s) = sink.state.lock() {
                 s.result = Some(r);
                 if let Some(w) = s.waker.take() {
                     w.wake();
                 }
             }
+            sink.done.notify_all();
         })
     });
     if let Some(e) = validation {
@@ -393,9 +402,20 @@ fn mapping_failed(ctx: &GpuContext, what: String) -> Error {
 }
 
 impl Readback {
-    /// The mapping's outcome, once its callback has run.
-    fn outcome(&self) -> Option<std::result::Result<(), wgpu::BufferAsyncError>> {
-        self.state.lock().ok().and_then(|s| s.result.clone())
+    /// The mapping's outcome, waiting at most `timeout` for its callback. After this thread's
+    /// wait for the copy, the callback has run, or runs on another thread polling the device
+    /// at the same time (wgpu fires a callback on whichever thread's poll finds it ready).
+    fn outcome(
+        &self,
+        timeout: std::time::Duration,
+    ) -> Option<std::result::Result<(), wgpu::BufferAsyncError>> {
+        let state = self.state.state.lock().ok()?;
+        let (state, _) = self
+            .state
+            .done
+            .wait_timeout_while(state, timeout, |s| s.result.is_none())
+            .ok()?;
+        state.result.clone()
     }
 
     fn finish(
@@ -419,7 +439,7 @@ impl Readback {
 fn read_range(ctx: &GpuContext, buffer: &wgpu::Buffer, offset: u64, len: usize) -> Result<Vec<u8>> {
     let readback = start_readback(ctx, buffer, offset, len)?;
     ctx.wait_for(readback.index.clone())?;
-    match readback.outcome() {
+    match readback.outcome(ctx.timeout()) {
         Some(mapped) => readback.finish(ctx, mapped),
         None => Err(mapping_failed(
             ctx,
@@ -449,7 +469,7 @@ async fn read_range_async(
 /// browser runs the callback, which wakes the future.
 struct MappedFuture<'a> {
     ctx: &'a GpuContext,
-    state: &'a Arc<Mutex<MapState>>,
+    state: &'a Arc<MapSignal>,
 }
 
 impl Future for MappedFuture<'_> {
@@ -462,7 +482,7 @@ impl Future for MappedFuture<'_> {
                 return Poll::Ready(Err(e));
             }
         }
-        let Ok(mut state) = self.state.lock() else {
+        let Ok(mut state) = self.state.state.lock() else {
             return Poll::Ready(Err(Error::Gpu("readback state poisoned".into())));
         };
         if let Some(result) = state.result.clone() {
