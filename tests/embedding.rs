@@ -336,10 +336,17 @@ fn a_blocking_call_times_out_instead_of_hanging_and_the_layer_stays_usable() {
     let (out, inp) = (2048, 4096);
     let base = hqq(out, inp);
     let layer = QuantLinear::new(base.clone(), Backend::Gpu(Box::new(ctx.clone()))).unwrap();
-    let x = random_matrix(64, inp, 1.0);
-    layer.forward(&x).unwrap();
+    let x = GpuTensor::upload(&ctx, &random_matrix(64, inp, 1.0), ActDtype::F32).unwrap();
+    let y = GpuTensor::output(&ctx, 64, out, ActDtype::F32).unwrap();
+    layer.prewarm(&[64], ActDtype::F32).unwrap();
+    // Over a second of work on lavapipe, then a blocking download allowed 1 ns.
+    let mut encoder = ctx.device.create_command_encoder(&Default::default());
+    for _ in 0..8 {
+        layer.encode_forward(&mut encoder, &x, &y).unwrap();
+    }
+    ctx.queue.submit([encoder.finish()]);
     ctx.set_timeout(Duration::from_nanos(1));
-    let err = layer.forward(&x).unwrap_err();
+    let err = y.download(&ctx).unwrap_err();
     assert!(matches!(err, Error::Timeout(_)), "{err}");
     assert!(err.to_string().contains("timed out"), "{err}");
     ctx.set_timeout(Duration::from_secs(120));
