@@ -16,19 +16,6 @@ fn case_dir(case: &str) -> PathBuf {
     golden_model_dir().join(case).join("checkpoint")
 }
 
-/// The case's modules as the manifest lists them (model order).
-fn manifest_modules(case: &str) -> Vec<String> {
-    let text = std::fs::read_to_string(golden_model_dir().join("manifest.json")).unwrap();
-    let manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let case = manifest["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == case)
-        .unwrap();
-    serde_json::from_value(case["modules"].clone()).unwrap()
-}
-
 /// A fresh scratch folder, removed when dropped.
 struct Scratch(PathBuf);
 
@@ -77,7 +64,7 @@ fn check_against_peft(checkpoint: &Checkpoint, case: &str, bits: u32) {
         .map(|n| n.split('.').nth(2).unwrap().parse().unwrap())
         .collect();
     assert!(layers.is_sorted(), "{layers:?}");
-    let mut expected = manifest_modules(case);
+    let mut expected = common::golden_model_modules(case);
     listed.sort();
     expected.sort();
     assert_eq!(listed, expected);

@@ -368,19 +368,6 @@ fn an_interrupted_merge_leaves_no_output() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// The modules of a whole-model golden case, as its manifest lists them.
-fn model_case_modules(case: &str) -> Vec<String> {
-    let text = std::fs::read_to_string(golden_model_dir().join("manifest.json")).unwrap();
-    let manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let case = manifest["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == case)
-        .unwrap();
-    serde_json::from_value(case["modules"].clone()).unwrap()
-}
-
 #[test]
 fn inspect_lists_every_module_and_what_each_adapter_config_says() {
     let case = golden_model_dir().join("llama_hqq3_g64_sharded");
@@ -398,7 +385,7 @@ fn inspect_lists_every_module_and_what_each_adapter_config_says() {
         "{text}"
     );
     assert!(text.contains("quantization: hqq 3-bit, group 64, axis 1; not quantized: lm_head"));
-    for module in model_case_modules("llama_hqq3_g64_sharded") {
+    for module in common::golden_model_modules("llama_hqq3_g64_sharded") {
         let row = text
             .lines()
             .find(|l| l.split_whitespace().next() == Some(&module))

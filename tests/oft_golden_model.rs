@@ -23,15 +23,7 @@ fn golden_model_dir() -> PathBuf {
 
 /// The modules PEFT wrapped with `adapter` in the case, in model order.
 fn targets(adapter: &str) -> Vec<String> {
-    let text = std::fs::read_to_string(golden_model_dir().join("manifest.json")).unwrap();
-    let manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let case = manifest["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == CASE)
-        .unwrap();
-    case["targets"][adapter]
+    common::golden_model_case(CASE)["targets"][adapter]
         .as_array()
         .unwrap()
         .iter()

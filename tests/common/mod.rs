@@ -50,6 +50,24 @@ pub fn golden_model_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/golden-model")
 }
 
+/// The whole-model golden case `name` of the manifest.
+pub fn golden_model_case(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(golden_model_dir().join("manifest.json")).unwrap();
+    let manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
+    manifest["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no golden model case {name}"))
+        .clone()
+}
+
+/// The modules of a whole-model golden case, as its manifest lists them (model order).
+pub fn golden_model_modules(case: &str) -> Vec<String> {
+    serde_json::from_value(golden_model_case(case)["modules"].clone()).unwrap()
+}
+
 /// A matrix of fresh random values in [-scale, scale), never all zeros.
 pub fn random_matrix(rows: usize, cols: usize, scale: f32) -> Matrix {
     let m = Matrix::random(rows, cols, scale);
