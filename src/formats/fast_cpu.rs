@@ -21,6 +21,7 @@ use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::formats::QuantFormat;
 use crate::tensor::Matrix;
 
 /// Output columns a [`ColumnSource`] decodes per input.
@@ -218,12 +219,9 @@ pub(crate) fn round_bf16(v: f32) -> f32 {
 
 /// A format stored `[in, out]`: yields the dequantized weights of one input for [`COLS`]
 /// consecutive outputs, exactly as its reference dequantizes them.
-pub(crate) trait ColumnSource: Sync {
+pub(crate) trait ColumnSource: QuantFormat + Sync {
     /// What a block of columns needs decoded once (a GPTQ block's scales and zeros per group).
     type Block;
-    fn out_features(&self) -> usize;
-    fn in_features(&self) -> usize;
-    fn bias(&self) -> Option<&[f32]>;
     /// The block of outputs `n0..n0 + width` (`width <= COLS`).
     fn block(&self, n0: usize, width: usize) -> Self::Block;
     /// Weights of input `k` for the block's outputs into `out[..width]`.

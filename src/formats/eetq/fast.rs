@@ -25,18 +25,6 @@ impl EetqWeight {
 impl ColumnSource for EetqWeight {
     type Block = EetqBlock;
 
-    fn out_features(&self) -> usize {
-        self.out_features
-    }
-
-    fn in_features(&self) -> usize {
-        self.in_features
-    }
-
-    fn bias(&self) -> Option<&[f32]> {
-        self.bias.as_deref()
-    }
-
     fn block(&self, n0: usize, width: usize) -> EetqBlock {
         let mut scales = [0f32; COLS];
         scales[..width].copy_from_slice(&self.scales[n0..n0 + width]);

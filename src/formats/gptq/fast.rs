@@ -34,18 +34,6 @@ fn dequant(q: u32, s: f32, z: f32) -> f32 {
 impl ColumnSource for GptqWeight {
     type Block = GptqBlock;
 
-    fn out_features(&self) -> usize {
-        self.out_features
-    }
-
-    fn in_features(&self) -> usize {
-        self.in_features
-    }
-
-    fn bias(&self) -> Option<&[f32]> {
-        self.bias.as_deref()
-    }
-
     fn block(&self, n0: usize, width: usize) -> GptqBlock {
         let mut scales = vec![[0f32; COLS]; self.groups];
         let mut zeros = vec![[0f32; COLS]; self.groups];
