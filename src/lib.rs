@@ -65,6 +65,7 @@ pub mod layer;
 pub mod merge;
 pub mod model;
 pub mod tensor;
+pub mod tune;
 
 pub use error::{Error, Result};
 pub use tensor::Matrix;

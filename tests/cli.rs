@@ -557,3 +557,46 @@ fn run_without_a_module_lists_names_that_can_be_pasted_back() {
         "{text}"
     );
 }
+
+#[test]
+fn tune_writes_a_cache_that_the_next_command_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("tune.json");
+    let cache_arg = cache.to_str().unwrap();
+    let (code, text) = quantadapt(&[
+        "tune",
+        "--cache",
+        cache_arg,
+        "--shapes",
+        "64x256",
+        "--rows",
+        "1,3",
+        "--formats",
+        "hqq4,eetq",
+    ]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("hqq 4-bit g64 64x256 M=1 f32:"), "{text}");
+    assert!(text.contains("eetq int8 64x256 M=3 f32:"), "{text}");
+    assert!(text.contains("(4 entries for this adapter)"), "{text}");
+    let written = quantadapt::tune::TuneCache::load(&cache).unwrap();
+    assert_eq!(written.entries().len(), 4);
+
+    let out = Command::new(env!("CARGO_BIN_EXE_quantadapt"))
+        .arg("info")
+        .env("QUANTADAPT_TUNE_CACHE", &cache)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("tuning: {cache_arg} (4 entries for this adapter)")),
+        "{text}"
+    );
+
+    std::fs::write(&cache, "not json").unwrap();
+    let (code, text) = quantadapt(&[
+        "tune", "--cache", cache_arg, "--shapes", "64x256", "--rows", "1",
+    ]);
+    assert_ne!(code, 0);
+    assert!(text.contains("is not a tuning cache"), "{text}");
+    assert_eq!(std::fs::read_to_string(&cache).unwrap(), "not json");
+}

@@ -13,15 +13,20 @@ use crate::gpu::GpuContext;
 use crate::kernels::quant::GpuQuantWeight;
 use crate::tensor::Matrix;
 
-/// The quantized formats of the suite.
+/// The quantized formats of the suite (and of `quantadapt tune`'s synthetic weights).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BaseFormat {
+    /// HQQ 4-bit, groups of 64 along the input axis, f32 compute.
     Hqq4,
+    /// HQQ 8-bit, groups of 64 along the input axis, f32 compute.
     Hqq8,
+    /// GPTQ 4-bit, groups of 128, symmetric, v1 zeros.
     Gptq4,
+    /// EETQ int8 per output channel.
     EetqInt8,
 }
 
+/// Every format of the suite.
 pub const BASE_FORMATS: [BaseFormat; 4] = [
     BaseFormat::Hqq4,
     BaseFormat::Hqq8,
@@ -30,6 +35,7 @@ pub const BASE_FORMATS: [BaseFormat; 4] = [
 ];
 
 impl BaseFormat {
+    /// The name the bench's and the tuner's tables give it.
     pub const fn name(self) -> &'static str {
         match self {
             Self::Hqq4 => "hqq 4-bit g64",

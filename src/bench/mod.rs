@@ -19,6 +19,7 @@ mod yardsticks;
 
 use std::time::SystemTime;
 
+pub use base::{BASE_FORMATS, BaseFormat};
 pub use entry::{DENSE_F16, Entry, Group, Timing};
 pub use layers::{BARE_LAYER, lora_layer, oft_layer};
 pub use merge::{MERGE_UNMERGE, REQUANTIZE};

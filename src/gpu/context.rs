@@ -3,12 +3,14 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::gpu::ready::ready_now;
 use crate::gpu::shaders::ShaderKey;
+use crate::kernels::gemv::GemvVariant;
+use crate::tune::{DeviceKey, GemvKey, TuneCache};
 
 /// Optional features the kernels use when the device offers them.
 const WANTED_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
@@ -42,6 +44,8 @@ struct Shared {
     buffers_created: AtomicU64,
     bind_groups_created: AtomicU64,
     pipelines_created: AtomicU64,
+    /// Tuned GEMV variants; read at each plan (see [`crate::tune`]).
+    tuning: RwLock<Arc<TuneCache>>,
 }
 
 /// How many GPU objects a context has created so far (see [`GpuContext::allocations`]).
@@ -166,6 +170,7 @@ impl GpuContext {
             shared: Arc::new(Shared {
                 pipelines: Mutex::new(HashMap::new()),
                 lost: OnceLock::new(),
+                tuning: RwLock::default(),
                 timeout_nanos: AtomicU64::new(DEFAULT_TIMEOUT.as_nanos() as u64),
                 poison: AtomicBool::new(false),
                 buffers_created: AtomicU64::new(0),
@@ -256,6 +261,33 @@ impl GpuContext {
             bind_groups: self.shared.bind_groups_created.load(Ordering::Relaxed),
             pipelines: self.shared.pipelines_created.load(Ordering::Relaxed),
         }
+    }
+
+    /// Makes `cache` the tuning this context's kernels consult when they plan a GEMV (layers'
+    /// plans built before keep their variants until [`clear_plans`]). Starts empty: without an
+    /// entry for this adapter the kernels take their heuristic defaults.
+    ///
+    /// [`clear_plans`]: crate::layer::QuantLinear::clear_plans
+    pub fn set_tuning(&self, cache: TuneCache) {
+        *self
+            .shared
+            .tuning
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(cache);
+    }
+
+    /// The tuning in force (see [`Self::set_tuning`]).
+    pub fn tuning(&self) -> Arc<TuneCache> {
+        self.shared
+            .tuning
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The tuned variant of `gemv` on this adapter, if the tuning has one.
+    pub fn tuned_gemv(&self, gemv: &GemvKey) -> Option<GemvVariant> {
+        self.tuning().lookup(&DeviceKey::of(self), gemv)
     }
 
     pub(crate) fn count_buffer(&self) {

@@ -256,6 +256,20 @@ impl GpuQuantWeight {
         self.slices.iter().all(|s| s.shader.word_units)
     }
 
+    /// The format specialization of the first row slice, e.g. `HQQ FIELD_BITS=4 COMPUTE=0
+    /// words` (every slice of a weight shares it unless the split changes word decoding).
+    pub fn format_label(&self) -> String {
+        let shader = &self.slices[0].shader;
+        let mut label = shader.flag.to_string();
+        for (name, value) in &shader.consts {
+            label += &format!(" {name}={value}");
+        }
+        if shader.word_units {
+            label += " words";
+        }
+        label
+    }
+
     /// Row slices the weight is bound as (one unless it exceeds a binding).
     pub fn slices(&self) -> usize {
         self.slices.len()

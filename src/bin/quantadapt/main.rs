@@ -1,4 +1,6 @@
-//! The `quantadapt` command: demo, info, verify-golden, inspect, run, merge, bench.
+//! The `quantadapt` command: demo, info, verify-golden, inspect, run, merge, bench, tune.
+
+mod tune;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -10,14 +12,14 @@ use quantadapt::adapters::Adapter;
 use quantadapt::adapters::lora::LoraAdapter;
 use quantadapt::adapters::oft::{OftAdapter, Parameterization};
 use quantadapt::adapters::peft_dir::PeftAdapterDir;
-use quantadapt::bench::{Plan, Scale, write_svg};
+use quantadapt::bench::{BaseFormat, Plan, Scale, write_svg};
 use quantadapt::checkpoint::{Checkpoint, Format, ModuleInfo};
 use quantadapt::formats::QuantFormat;
 use quantadapt::formats::QuantWeight;
 use quantadapt::formats::hqq::{HqqConfig, HqqWeight};
 use quantadapt::golden::{self, GoldenBackend};
 use quantadapt::gpu::timing::{median, time_pass};
-use quantadapt::gpu::{ActDtype, GpuContext, GpuTensor};
+use quantadapt::gpu::{ActDtype, GpuTensor};
 use quantadapt::io::{HostTensor, TensorFile};
 use quantadapt::kernels::Dispatch;
 use quantadapt::kernels::MatmulPath;
@@ -127,6 +129,53 @@ enum Command {
         #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..))]
         rows: Vec<u32>,
     },
+    /// Time every GEMV variant on this adapter, each checked against the CPU first, and keep
+    /// the fastest per kernel in the tuning cache that every command loads at start.
+    Tune {
+        /// The cache file (default: $QUANTADAPT_TUNE_CACHE, else quantadapt/tune.json in
+        /// $XDG_CACHE_HOME or ~/.cache).
+        #[arg(long)]
+        cache: Option<PathBuf>,
+        /// Weight shapes as OUTxIN, comma-separated (default: 8B-class layers; the bench's
+        /// small shapes on a software adapter).
+        #[arg(long, value_delimiter = ',', value_parser = parse_shape)]
+        shapes: Vec<(usize, usize)>,
+        /// Rows of x, comma-separated, 1 to 16 (default: 1,4,16).
+        #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=16))]
+        rows: Vec<u32>,
+        /// Formats, comma-separated (default: all).
+        #[arg(long, value_delimiter = ',', value_enum)]
+        formats: Vec<TuneFormat>,
+        /// Activation dtypes, comma-separated (default: f32).
+        #[arg(long, value_delimiter = ',', value_enum)]
+        act: Vec<ActArg>,
+    },
+}
+
+/// The formats `quantadapt tune` makes synthetic weights of.
+#[derive(Clone, Copy, ValueEnum)]
+enum TuneFormat {
+    Hqq4,
+    Hqq8,
+    Gptq4,
+    Eetq,
+}
+
+impl From<TuneFormat> for BaseFormat {
+    fn from(f: TuneFormat) -> Self {
+        match f {
+            TuneFormat::Hqq4 => BaseFormat::Hqq4,
+            TuneFormat::Hqq8 => BaseFormat::Hqq8,
+            TuneFormat::Gptq4 => BaseFormat::Gptq4,
+            TuneFormat::Eetq => BaseFormat::EetqInt8,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ActArg {
+    F32,
+    F16,
 }
 
 /// `OUTxIN`, both at least 1.
@@ -226,6 +275,26 @@ fn main() -> ExitCode {
             shapes,
             rows: rows.into_iter().map(|m| m as usize).collect(),
         }),
+        Command::Tune {
+            cache,
+            shapes,
+            rows,
+            formats,
+            act,
+        } => tune::tune(tune::TuneArgs {
+            cache,
+            shapes,
+            rows: rows.into_iter().map(|m| m as usize).collect(),
+            formats: formats.into_iter().map(BaseFormat::from).collect(),
+            acts: act
+                .into_iter()
+                .map(|a| match a {
+                    ActArg::F32 => ActDtype::F32,
+                    ActArg::F16 => ActDtype::F16,
+                })
+                .collect(),
+        })
+        .map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
@@ -298,7 +367,7 @@ fn demo() -> Result<ExitCode> {
         out * inp * 2
     );
     let cpu_layer = layer.cpu_reference()?;
-    let ctx = match GpuContext::new() {
+    let ctx = match tune::gpu_context() {
         Ok(ctx) => ctx,
         Err(e) => {
             println!("  note: {e}; running the CPU reference only");
@@ -391,7 +460,7 @@ fn info() -> Result<ExitCode> {
         let i = a.get_info();
         println!("  - {} ({:?}, {:?})", i.name, i.backend, i.device_type);
     }
-    match GpuContext::new() {
+    match tune::gpu_context() {
         Ok(ctx) => {
             let l = ctx.limits();
             println!("selected: {}", ctx.describe());
@@ -404,6 +473,18 @@ fn info() -> Result<ExitCode> {
                 ctx.info.subgroup_min_size,
                 ctx.info.subgroup_max_size,
             );
+            match quantadapt::tune::TuneCache::default_path() {
+                Some(path) if path.exists() => println!(
+                    "tuning: {} ({} entries for this adapter)",
+                    path.display(),
+                    ctx.tuning().entries_for(&ctx)
+                ),
+                Some(path) => println!(
+                    "tuning: none ({} does not exist; `quantadapt tune` writes it)",
+                    path.display()
+                ),
+                None => println!("tuning: none (no cache folder)"),
+            }
         }
         Err(e) => println!("selected: none ({e}); the CPU reference runs everything"),
     }
@@ -417,7 +498,7 @@ fn verify_golden(dir: &std::path::Path, backend: BackendArg) -> Result<ExitCode>
         BackendArg::Both => &[GoldenBackend::Cpu, GoldenBackend::Gpu],
     };
     let gpu = match backends.contains(&GoldenBackend::Gpu) {
-        true => match GpuContext::new() {
+        true => match tune::gpu_context() {
             Ok(ctx) => {
                 // A verification run: outputs start as NaN so unwritten elements fail.
                 ctx.set_debug_poison(true);
@@ -511,7 +592,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
 fn layer_backend(backend: RunBackend) -> LayerBackend {
     match backend {
         RunBackend::Cpu => LayerBackend::Cpu,
-        RunBackend::Gpu => match GpuContext::new() {
+        RunBackend::Gpu => match tune::gpu_context() {
             Ok(ctx) => LayerBackend::Gpu(Box::new(ctx)),
             Err(e) => {
                 eprintln!("note: {e}; running on the CPU");
@@ -777,7 +858,7 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
     {
         check_output_folder(path)?;
     }
-    let ctx = GpuContext::new()?;
+    let ctx = tune::gpu_context()?;
     let scale = match args.scale {
         ScaleArg::Auto => Scale::auto(&ctx),
         ScaleArg::Full => Scale::Full,
