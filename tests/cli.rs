@@ -370,7 +370,7 @@ fn an_interrupted_merge_leaves_no_output() {
 
 #[test]
 fn inspect_lists_every_module_and_what_each_adapter_config_says() {
-    let case = golden_model_dir().join("llama_hqq3_g64_sharded");
+    let case = golden_model_dir().join("llama_hqq3_g64_sharded/checkpoint");
     let (code, text) = quantadapt(&[
         "inspect",
         case.join("checkpoint").to_str().unwrap(),
@@ -590,6 +590,29 @@ fn tune_writes_a_cache_that_the_next_command_loads() {
     assert!(
         text.contains(&format!("tuning: {cache_arg} (4 entries for this adapter)")),
         "{text}"
+    );
+
+    let model = golden_model_dir().join("llama_hqq3_g64_sharded/checkpoint");
+    let (code, text) = quantadapt(&[
+        "tune",
+        "--cache",
+        cache_arg,
+        "--model",
+        model.to_str().unwrap(),
+        "--rows",
+        "1",
+    ]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("model.layers.0.mlp.down_proj 256x688 M=1"), "{text}");
+    assert!(text.contains("model.layers.0.mlp.gate_proj 688x256 M=1"), "{text}");
+    let kernels = text.lines().filter(|l| l.contains(" M=1 f32: ")).count();
+    assert!(kernels >= 2, "{text}");
+    assert_eq!(
+        quantadapt::tune::TuneCache::load(&cache)
+            .unwrap()
+            .entries()
+            .len(),
+        4 + kernels
     );
 
     std::fs::write(&cache, "not json").unwrap();

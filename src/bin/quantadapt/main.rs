@@ -136,6 +136,10 @@ enum Command {
         /// $XDG_CACHE_HOME or ~/.cache).
         #[arg(long)]
         cache: Option<PathBuf>,
+        /// Tune the kernels of this model's quantized modules (a folder, index or file: one
+        /// module of each format and shape) instead of synthetic weights.
+        #[arg(long, conflicts_with_all = ["shapes", "formats"])]
+        model: Option<PathBuf>,
         /// Weight shapes as OUTxIN, comma-separated (default: 8B-class layers; the bench's
         /// small shapes on a software adapter).
         #[arg(long, value_delimiter = ',', value_parser = parse_shape)]
@@ -277,12 +281,14 @@ fn main() -> ExitCode {
         }),
         Command::Tune {
             cache,
+            model,
             shapes,
             rows,
             formats,
             act,
         } => tune::tune(tune::TuneArgs {
             cache,
+            model,
             shapes,
             rows: rows.into_iter().map(|m| m as usize).collect(),
             formats: formats.into_iter().map(BaseFormat::from).collect(),

@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 use quantadapt::bench::{BASE_FORMATS, BaseFormat};
-use quantadapt::formats::QuantFormat;
+use quantadapt::checkpoint::Checkpoint;
+use quantadapt::formats::{QuantFormat, QuantWeight};
 use quantadapt::gpu::{ActDtype, GpuContext};
 use quantadapt::kernels::gemv::{GemvVariant, Reduction};
 use quantadapt::kernels::quant::GpuQuantWeight;
@@ -15,6 +16,7 @@ use quantadapt::{Error, Result};
 /// What `quantadapt tune` was asked for.
 pub struct TuneArgs {
     pub cache: Option<PathBuf>,
+    pub model: Option<PathBuf>,
     pub shapes: Vec<(usize, usize)>,
     pub rows: Vec<usize>,
     pub formats: Vec<BaseFormat>,
@@ -114,52 +116,52 @@ pub fn tune(args: TuneArgs) -> Result<()> {
             ctx.info.name
         )));
     }
-    for &(out, inp) in &shapes {
-        let weight = Matrix::random(out, inp, 0.05);
-        for &format in &formats {
-            let reference = format.quantize(&weight)?;
-            let copies = if ctx.is_software() {
-                1
-            } else {
-                ROTATE_BYTES
-                    .div_ceil(reference.packed_bytes().max(1))
-                    .clamp(1, MAX_COPIES)
-            };
-            let uploads = (0..copies)
-                .map(|_| GpuQuantWeight::upload(&ctx, &reference))
-                .collect::<Result<Vec<_>>>()?;
-            for &act in &acts {
-                for &m in &rows {
-                    let report = tune_gemv(&ctx, &uploads, &reference, m, act, &mut cache)?;
-                    let default_us = report.micros(report.default);
-                    let winner_us = report.micros(report.winner).unwrap_or(f64::NAN);
-                    let failed = report
-                        .candidates
-                        .iter()
-                        .filter(|c| c.micros.is_none())
-                        .count();
-                    let versus = match default_us {
-                        Some(us) => format!("{:.2}x over the default", us / winner_us),
-                        None => "the default failed its check".to_string(),
-                    };
+    let weights = match &args.model {
+        Some(dir) => model_weights(dir)?,
+        None => synthetic_weights(&shapes, &formats)?,
+    };
+    for (name, reference) in weights {
+        let copies = if ctx.is_software() {
+            1
+        } else {
+            ROTATE_BYTES
+                .div_ceil(reference.packed_bytes().max(1))
+                .clamp(1, MAX_COPIES)
+        };
+        let uploads = (0..copies)
+            .map(|_| GpuQuantWeight::upload(&ctx, &reference))
+            .collect::<Result<Vec<_>>>()?;
+        let (out, inp) = (reference.out_features(), reference.in_features());
+        for &act in &acts {
+            for &m in &rows {
+                let report = tune_gemv(&ctx, &uploads, &reference, m, act, &mut cache)?;
+                let default_us = report.micros(report.default);
+                let winner_us = report.micros(report.winner).unwrap_or(f64::NAN);
+                let failed = report
+                    .candidates
+                    .iter()
+                    .filter(|c| c.micros.is_none())
+                    .count();
+                let versus = match default_us {
+                    Some(us) => format!("{:.2}x over the default", us / winner_us),
+                    None => "the default failed its check".to_string(),
+                };
+                println!(
+                    "{name} {out}x{inp} M={m} {}: {} at {winner_us:.1} us ({versus}; {} candidates, {failed} failed the check)",
+                    act.wgsl(),
+                    describe(report.winner),
+                    report.candidates.len(),
+                );
+                for c in report.candidates.iter().filter(|c| c.micros.is_none()) {
                     println!(
-                        "{} {out}x{inp} M={m} {}: {} at {winner_us:.1} us ({versus}; {} candidates, {failed} failed the check)",
-                        format.name(),
-                        act.wgsl(),
-                        describe(report.winner),
-                        report.candidates.len(),
+                        "  refused {}: error {:.2e} against the CPU",
+                        describe(c.variant),
+                        c.max_rel_error
                     );
-                    for c in report.candidates.iter().filter(|c| c.micros.is_none()) {
-                        println!(
-                            "  refused {}: error {:.2e} against the CPU",
-                            describe(c.variant),
-                            c.max_rel_error
-                        );
-                    }
                 }
             }
-            cache.save(&path)?;
         }
+        cache.save(&path)?;
     }
     println!(
         "wrote {} ({} entries for this adapter)",
@@ -167,4 +169,46 @@ pub fn tune(args: TuneArgs) -> Result<()> {
         cache.entries_for(&ctx)
     );
     Ok(())
+}
+
+/// Random weights of every format at every shape, named as the bench names them.
+fn synthetic_weights(
+    shapes: &[(usize, usize)],
+    formats: &[BaseFormat],
+) -> Result<Vec<(String, QuantWeight)>> {
+    let mut weights = Vec::new();
+    for &(out, inp) in shapes {
+        let dense = Matrix::random(out, inp, 0.05);
+        for &format in formats {
+            weights.push((format.name().to_string(), format.quantize(&dense)?));
+        }
+    }
+    Ok(weights)
+}
+
+/// One module of each distinct kind (format, bits, group, shape) of a checkpoint: the kernels
+/// a forward of that model plans.
+fn model_weights(dir: &std::path::Path) -> Result<Vec<(String, QuantWeight)>> {
+    let checkpoint = Checkpoint::open(dir)?;
+    let mut seen = std::collections::HashSet::new();
+    let mut weights = Vec::new();
+    for module in checkpoint.modules() {
+        let kind = (
+            module.format,
+            module.bits,
+            module.group_size,
+            module.out_features,
+            module.in_features,
+        );
+        if seen.insert(kind) {
+            weights.push((module.name.clone(), checkpoint.load_module(&module.name)?));
+        }
+    }
+    if weights.is_empty() {
+        return Err(Error::Config(format!(
+            "{} holds no quantized module to tune",
+            dir.display()
+        )));
+    }
+    Ok(weights)
 }
