@@ -6,6 +6,8 @@
 //! and records the fastest in a [`TuneCache`]. A context consults its cache
 //! ([`GpuContext::set_tuning`]) whenever it plans a GEMV; where the cache has no entry for the
 //! device and kernel, the kernels take their heuristic default, which is safe everywhere.
+//! The tuner times the bare GEMV; launches with a fused OFT prologue or LoRA epilogue use the
+//! heuristic, whose split-K keeps the prologue's rotation to each workgroup's slice of x.
 //!
 //! The cache is a JSON file keyed by the adapter (name, vendor and device ids, backend, driver
 //! and its version) and the kernel (format specialization, activation dtype, weight shape and
