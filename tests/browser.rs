@@ -148,7 +148,7 @@ impl Case {
 async fn gpu() -> GpuContext {
     let ctx = GpuContext::new_async()
         .await
-        .unwrap_or_else(|e| panic!("the browser offers no WebGPU adapter: {e}"));
+        .unwrap_or_else(|e| panic!("no WebGPU device: {e}"));
     assert_eq!(
         ctx.info.backend,
         wgpu::Backend::BrowserWebGpu,
