@@ -210,36 +210,59 @@ impl QuantLinear {
     /// Adds an adapter (not yet active). Its shape must match the layer. Fails with
     /// [`Error::Adapter`] for a name already taken (or [`BASE_ONLY`]) or a shape that does not fit.
     pub fn add_adapter(&mut self, adapter: Adapter) -> Result<()> {
-        let name = adapter.name().to_string();
-        if name == BASE_ONLY || self.adapter(&name).is_some() {
+        self.check_new_adapter(&adapter)?;
+        let uploaded = match &self.gpu {
+            Some(gpu) => Some(upload_adapter(&gpu.ctx, &adapter, self.original_base())?),
+            None => None,
+        };
+        self.insert_adapter(adapter, uploaded);
+        Ok(())
+    }
+
+    /// [`Self::add_adapter`] as a future that never blocks: an OFT adapter's blocks are built
+    /// and checked on the GPU, and the check's result is awaited (for any executor, and the web,
+    /// where the blocking version cannot wait for it).
+    pub async fn add_adapter_async(&mut self, adapter: Adapter) -> Result<()> {
+        self.check_new_adapter(&adapter)?;
+        let uploaded = match &self.gpu {
+            Some(gpu) => {
+                Some(upload_adapter_async(&gpu.ctx, &adapter, self.original_base()).await?)
+            }
+            None => None,
+        };
+        self.insert_adapter(adapter, uploaded);
+        Ok(())
+    }
+
+    fn check_new_adapter(&self, adapter: &Adapter) -> Result<()> {
+        let name = adapter.name();
+        if name == BASE_ONLY || self.adapter(name).is_some() {
             return Err(adapter_error(
-                &name,
+                name,
                 "an adapter of that name exists (or the name is reserved)",
             ));
         }
         let (inp, out) = (self.base.in_features(), self.base.out_features());
-        let fits = match &adapter {
+        let fits = match adapter {
             Adapter::Oft(a) => a.in_features() == inp,
             Adapter::Lora(a) => a.in_features() == inp && a.out_features() == out,
         };
         if !fits {
             return Err(adapter_error(
-                &name,
+                name,
                 format!("does not fit a layer of {inp} inputs and {out} outputs"),
             ));
         }
-        if let Some(gpu) = &mut self.gpu {
-            let g = upload_adapter(
-                &gpu.ctx,
-                &adapter,
-                self.merged.first().map_or(&self.base, |m| &m.previous),
-            )?;
-            gpu.adapters.insert(name, g);
+        Ok(())
+    }
+
+    fn insert_adapter(&mut self, adapter: Adapter, uploaded: Option<GpuAdapter>) {
+        if let (Some(gpu), Some(g)) = (&mut self.gpu, uploaded) {
+            gpu.adapters.insert(adapter.name().to_string(), g);
             gpu.mixed = Mutex::new(None);
         }
         self.adapters.push(adapter);
         self.invalidate_plans();
-        Ok(())
     }
 
     /// Removes an adapter; a merged one must be unmerged first. Fails with [`Error::Adapter`]
@@ -939,6 +962,28 @@ fn dora_scale(lora: &LoraAdapter, base: &QuantWeight) -> Result<Option<Vec<f32>>
         return Ok(None);
     }
     lora.dora_scale(&base.dequantize())
+}
+
+/// [`upload_adapter`] without blocking: only an OFT build waits (for its check's readback).
+async fn upload_adapter_async(
+    ctx: &GpuContext,
+    adapter: &Adapter,
+    base: &QuantWeight,
+) -> Result<GpuAdapter> {
+    match adapter {
+        Adapter::Oft(oft) => Ok(GpuAdapter::Oft(
+            GpuOft::build_async(
+                ctx,
+                oft.params(),
+                oft.block_size(),
+                oft.param_rows(),
+                oft.in_features(),
+                oft.parameterization(),
+            )
+            .await?,
+        )),
+        Adapter::Lora(_) => upload_adapter(ctx, adapter, base),
+    }
 }
 
 fn upload_adapter(ctx: &GpuContext, adapter: &Adapter, base: &QuantWeight) -> Result<GpuAdapter> {

@@ -370,6 +370,30 @@ fn async_forward_and_download_complete_on_any_executor() {
     assert_eq!(back.data, x.data);
 }
 
+/// Adapters added with the async API (an OFT build awaits its check) give what the blocking
+/// `add_adapter` gives on the CPU.
+#[test]
+fn adapters_added_async_match_the_cpu() {
+    let ctx = gpu();
+    let base = hqq(OUT, IN);
+    let mut gpu_layer =
+        QuantLinear::new(base.clone(), Backend::Gpu(Box::new(ctx.clone()))).unwrap();
+    let mut cpu_layer = QuantLinear::new(base, Backend::Cpu).unwrap();
+    for adapter in [oft(IN, 32), lora("lora", IN, OUT)] {
+        pollster::block_on(gpu_layer.add_adapter_async(adapter.clone())).unwrap();
+        cpu_layer.add_adapter(adapter).unwrap();
+    }
+    let refused = pollster::block_on(gpu_layer.add_adapter_async(oft(IN, 16)));
+    assert!(matches!(refused, Err(Error::Adapter { .. })), "{refused:?}");
+    let x = random_matrix(3, IN, 1.0);
+    for layer in [&mut gpu_layer, &mut cpu_layer] {
+        layer.set_active(&["oft", "lora"]).unwrap();
+    }
+    let got = pollster::block_on(gpu_layer.forward_async(&x)).unwrap();
+    let err = max_rel_error(&got.data, &cpu_layer.forward(&x).unwrap().data);
+    assert!(err < TOLERANCE, "{err}");
+}
+
 #[test]
 fn a_host_device_keeps_its_lost_callback_and_tells_the_context() {
     let own = GpuContext::new().unwrap();

@@ -326,6 +326,16 @@ pub fn read_f32(ctx: &GpuContext, buffer: &wgpu::Buffer, count: usize) -> Result
     )?))
 }
 
+/// [`read_f32`] as a future that never blocks, for any executor and the web.
+pub async fn read_f32_async(
+    ctx: &GpuContext,
+    buffer: &wgpu::Buffer,
+    count: usize,
+) -> Result<Vec<f32>> {
+    let bytes = read_range_async(ctx, buffer, 0, count * 4).await?;
+    Ok(bytemuck::pod_collect_to_vec(&bytes))
+}
+
 /// Reads the first `len` bytes of a buffer (which must allow COPY_SRC) back to the host.
 pub fn read_buffer(ctx: &GpuContext, buffer: &wgpu::Buffer, len: usize) -> Result<Vec<u8>> {
     read_range(ctx, buffer, 0, len)
@@ -437,6 +447,15 @@ impl Readback {
 }
 
 fn read_range(ctx: &GpuContext, buffer: &wgpu::Buffer, offset: u64, len: usize) -> Result<Vec<u8>> {
+    // A browser runs the mapping's callback from its event loop, which a caller blocked here
+    // would never give back (and wasm32's std cannot wait on a condition variable).
+    if cfg!(target_arch = "wasm32") {
+        return Err(Error::Unsupported(
+            "a blocking readback cannot wait in a browser: use the async version \
+             (download_async, forward_async, add_adapter_async)"
+                .into(),
+        ));
+    }
     let readback = start_readback(ctx, buffer, offset, len)?;
     ctx.wait_for(readback.index.clone())?;
     match readback.outcome(ctx.timeout()) {

@@ -129,6 +129,7 @@ impl GpuContext {
         let adapter = adapters.into_iter().next().ok_or_else(|| {
             Error::NoGpu(match wanted_name {
                 Some(n) => format!("no adapter with compute shaders matches QUANTADAPT_ADAPTER={n}"),
+                None if cfg!(target_arch = "wasm32") => "the browser offers no WebGPU adapter (no navigator.gpu, or requestAdapter found none; Chromium on Linux needs --enable-unsafe-webgpu)".into(),
                 None => "wgpu found no adapter with compute shaders (install a Vulkan, Metal or DX12 driver, e.g. Mesa's lavapipe)".into(),
             })
         })?;

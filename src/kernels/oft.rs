@@ -4,7 +4,8 @@
 use crate::adapters::oft::Parameterization;
 use crate::error::{Error, Result, check_finite};
 use crate::gpu::buffers::{
-    create_buffer, nan_f32, read_f32, scratch_f32, storage_from_bytes, storage_from_f32, uniform,
+    create_buffer, nan_f32, read_f32, read_f32_async, scratch_f32, storage_from_bytes,
+    storage_from_f32, uniform,
 };
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
@@ -386,9 +387,31 @@ impl BlockBuild {
     /// Runs `build` then `check` (one submission) and turns blocks the check finds wrong into an
     /// error.
     fn run(self, ctx: &GpuContext, build: &[&Dispatch], check: &[&Dispatch]) -> Result<GpuOft> {
-        let all: Vec<&Dispatch> = build.iter().chain(check).copied().collect();
-        Dispatch::submit_all(ctx, &all)?;
+        Self::submit(ctx, build, check)?;
         let defects = read_f32(ctx, &self.defects, self.rows)?;
+        self.judge(ctx, &defects)
+    }
+
+    /// [`Self::run`] as a future that never blocks.
+    async fn run_async(
+        self,
+        ctx: &GpuContext,
+        build: &[&Dispatch],
+        check: &[&Dispatch],
+    ) -> Result<GpuOft> {
+        Self::submit(ctx, build, check)?;
+        let defects = read_f32_async(ctx, &self.defects, self.rows).await?;
+        self.judge(ctx, &defects)
+    }
+
+    fn submit(ctx: &GpuContext, build: &[&Dispatch], check: &[&Dispatch]) -> Result<()> {
+        let all: Vec<&Dispatch> = build.iter().chain(check).copied().collect();
+        Dispatch::submit_all(ctx, &all).map(drop)
+    }
+
+    /// The built blocks, or an error when the check's `defects` (one per stored block) show one
+    /// built wrong.
+    fn judge(self, ctx: &GpuContext, defects: &[f32]) -> Result<GpuOft> {
         // A NaN (an unwritten defect) counts as the worst.
         let rank = |d: f32| if d.is_nan() { f32::INFINITY } else { d };
         let (block, defect) = defects
@@ -500,6 +523,30 @@ impl GpuOft {
         let build = job.build_chain(ctx)?;
         let check = job.check_chain(ctx)?;
         job.run(ctx, &build.sequence(), &check.sequence())
+    }
+
+    /// [`Self::build`] as a future that never blocks on the check's readback (for any executor,
+    /// and the web, where only this one works).
+    pub async fn build_async(
+        ctx: &GpuContext,
+        params: &[f32],
+        block_size: usize,
+        param_rows: usize,
+        in_features: usize,
+        parameterization: Parameterization,
+    ) -> Result<Self> {
+        let job = BlockBuild::new(
+            ctx,
+            params,
+            block_size,
+            param_rows,
+            in_features,
+            parameterization,
+        )?;
+        let build = job.build_chain(ctx)?;
+        let check = job.check_chain(ctx)?;
+        job.run_async(ctx, &build.sequence(), &check.sequence())
+            .await
     }
 
     /// The worst defect the post-build check measured (relative to its scale; under
