@@ -8,7 +8,8 @@ struct MatmulParams {
     has_bias: u32,
     n_offset: u32,
     y_cols: u32,
-    pad0: u32,
+    // Slices of K a split-K GEMV sums (1 for every other kernel).
+    split_k: u32,
     pad1: u32,
 }
 

@@ -6,6 +6,7 @@ pub mod eetq;
 #[cfg(feature = "bench")]
 pub mod fma;
 pub mod fused;
+pub mod gemv;
 pub mod gptq;
 pub mod hqq;
 pub mod hqq_quantize;
