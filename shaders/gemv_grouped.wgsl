@@ -1,6 +1,9 @@
 // y = x · Wᵀ + bias for a few rows of x (M <= MAX_M), shaped for bandwidth, for layouts whose
-// packed words run along K (HQQ with byte-packed fields, VEC4_WORDS): one 16-byte load of packed
-// row pr holds inputs k..k+15 of output rows s * slab_rows + pr for each of the SLABS slabs.
+// packed words run along K (HQQ with byte-packed fields, EETQ as repacked at load; VEC4_WORDS):
+// one 16-byte load of packed row pr holds inputs k..k+15 of output rows s * slab_rows + pr for
+// each of the SLABS slabs. The format provides `group_scale(g)` and `group_zero(g)` for group g
+// of row n (g = n * K / group_size + the group's index in the row), `group_size()` and
+// `slab_rows()`.
 //
 // A workgroup owns PACKED_ROWS packed rows (ROWS = SLABS * PACKED_ROWS outputs) and one of
 // p.split_k slices of K's groups; each invocation takes whole groups, strided by WG. Per group it
@@ -45,9 +48,8 @@ const BYTE_SHIFTS: vec4<u32> = vec4<u32>(8u - FIELD_BITS, 16u - FIELD_BITS, 24u 
 const MIN_SUBGROUP: u32 = 8u;
 var<workgroup> partial: array<f32, OUTPUTS * (WG / MIN_SUBGROUP)>;
 #else
-// Outputs reduced per pass (all of them, or as many as 8 KiB of partial sums hold).
-const PASS: u32 = min(OUTPUTS, 2048u / WG);
-var<workgroup> partial: array<f32, PASS * WG>;
+// The host keeps OUTPUTS * WG within 2048 (8 KiB): one pass reduces every output.
+var<workgroup> partial: array<f32, OUTPUTS * WG>;
 #endif
 
 #ifdef OFT_PROLOGUE
@@ -67,8 +69,8 @@ fn x_vec(r: u32, k: u32) -> vec4<f32> {
 // Output feature of accumulator row t = s * PACKED_ROWS + j (p.n when past the end).
 fn output_row(tile: u32, t: u32) -> u32 {
     let pr = tile * PACKED_ROWS + t % PACKED_ROWS;
-    let n = (t / PACKED_ROWS) * q.slab_rows + pr;
-    return select(p.n, n, pr < q.slab_rows && n < p.n);
+    let n = (t / PACKED_ROWS) * slab_rows() + pr;
+    return select(p.n, n, pr < slab_rows() && n < p.n);
 }
 
 // The four codes of slab s in `word`, as floats.
@@ -78,7 +80,7 @@ fn codes(word: u32, s: u32) -> vec4<f32> {
 
 // Adds group g (inputs g * group_size ..) of every owned row into acc[t * MAX_M + r].
 fn add_group(acc: ptr<function, array<f32, OUTPUTS>>, tile: u32, g: u32) {
-    let groups_per_row = p.k / q.group_size;
+    let groups_per_row = p.k / group_size();
     var scale_of: array<f32, ROWS>;
     var zero_of: array<f32, ROWS>;
     for (var t = 0u; t < ROWS; t++) {
@@ -90,12 +92,12 @@ fn add_group(acc: ptr<function, array<f32, OUTPUTS>>, tile: u32, g: u32) {
         }
     }
     var x_sum: array<f32, MAX_M>;
-    let k0 = g * q.group_size;
-    for (var i = 0u; i < q.group_size; i += 16u) {
+    let k0 = g * group_size();
+    for (var i = 0u; i < group_size(); i += 16u) {
         var words: array<vec4<u32>, PACKED_ROWS>;
         for (var j = 0u; j < PACKED_ROWS; j++) {
             let pr = tile * PACKED_ROWS + j;
-            if (pr < q.slab_rows) {
+            if (pr < slab_rows()) {
                 words[j] = packed[(pr * p.k + k0 + i) >> 4u];
             }
         }
@@ -171,17 +173,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let linear = wid.x + wid.y * nwg.x;
     let tile = linear / p.split_k;
     let split = linear % p.split_k;
-    let groups_per_row = p.k / q.group_size;
+    let groups_per_row = p.k / group_size();
     let per_split = (groups_per_row + p.split_k - 1u) / p.split_k;
     let g_begin = split * per_split;
     let g_end = min(g_begin + per_split, groups_per_row);
     var acc: array<f32, OUTPUTS>;
 #ifdef OFT_PROLOGUE
     // Chunks hold whole groups (the host checks group_size | CHUNK).
-    let chunk_groups = CHUNK / q.group_size;
+    let chunk_groups = CHUNK / group_size();
     for (var c0 = g_begin; c0 < g_end; c0 += chunk_groups) {
-        chunk_start = c0 * q.group_size;
-        let columns = min(c0 + chunk_groups, g_end) * q.group_size - chunk_start;
+        chunk_start = c0 * group_size();
+        let columns = min(c0 + chunk_groups, g_end) * group_size() - chunk_start;
         for (var i = lid; i < MAX_M * CHUNK; i += WG) {
             let r = i / CHUNK;
             let c = i % CHUNK;
@@ -217,23 +219,20 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         write_output(tile, split, v, sum);
     }
 #else
-    for (var v0 = 0u; v0 < OUTPUTS; v0 += PASS) {
-        for (var i = 0u; i < PASS; i++) {
-            partial[i * WG + lid] = acc[min(v0 + i, OUTPUTS - 1u)];
-        }
-        workgroupBarrier();
-        for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
-            if (lid < stride) {
-                for (var i = 0u; i < PASS; i++) {
-                    partial[i * WG + lid] += partial[i * WG + lid + stride];
-                }
+    for (var v = 0u; v < OUTPUTS; v++) {
+        partial[v * WG + lid] = acc[v];
+    }
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
+        if (lid < stride) {
+            for (var v = 0u; v < OUTPUTS; v++) {
+                partial[v * WG + lid] += partial[v * WG + lid + stride];
             }
-            workgroupBarrier();
-        }
-        if (lid < PASS && v0 + lid < OUTPUTS) {
-            write_output(tile, split, v0 + lid, partial[lid * WG]);
         }
         workgroupBarrier();
+    }
+    for (var v = lid; v < OUTPUTS; v += WG) {
+        write_output(tile, split, v, partial[v * WG]);
     }
 #endif
 }

@@ -9,6 +9,7 @@ use quantadapt::Error;
 use quantadapt::adapters::Adapter;
 use quantadapt::adapters::lora::LoraAdapter;
 use quantadapt::adapters::oft::{OftAdapter, Parameterization};
+use quantadapt::formats::eetq::EetqWeight;
 use quantadapt::formats::hqq::{ComputeDtype, HqqConfig, HqqWeight};
 use quantadapt::formats::{QuantFormat, QuantWeight};
 use quantadapt::gpu::{ActDtype, GpuContext, GpuTensor};
@@ -26,8 +27,8 @@ fn hqq(out: usize, inp: usize, nbits: u32, group: usize, compute: ComputeDtype) 
 }
 
 /// `x` in `act`, and the CPU reference's output for exactly those values.
-fn input(w: &HqqWeight, rows: usize, act: ActDtype) -> (Matrix, Matrix) {
-    let mut x = random_matrix(rows, w.in_features, 1.0);
+fn input(w: &impl QuantFormat, rows: usize, act: ActDtype) -> (Matrix, Matrix) {
+    let mut x = random_matrix(rows, w.in_features(), 1.0);
     if act == ActDtype::F16 {
         x.round_to_f16();
     }
@@ -74,12 +75,54 @@ fn every_candidate_matches_the_cpu() {
         let gw = GpuQuantWeight::from_hqq(ctx, &w).unwrap();
         for &m in rows {
             let candidates = gw.gemv_candidates(ctx, m, &Fused::default());
-            assert!(candidates.len() > 8, "{nbits}-bit m={m}: {candidates:?}");
+            assert!(candidates.len() >= 8, "{nbits}-bit m={m}: {candidates:?}");
             let (x, expected) = input(&w, m, ActDtype::F32);
             for variant in candidates {
                 let case = format!("{nbits}-bit m={m}");
                 check_variant(ctx, &gw, &x, &expected, ActDtype::F32, variant, &case);
             }
+        }
+    }
+}
+
+fn eetq(out: usize, inp: usize) -> EetqWeight {
+    let mut w = EetqWeight::quantize(&random_matrix(out, inp, 0.05)).unwrap();
+    w.bias = Some(random_matrix(1, out, 0.1).data);
+    w
+}
+
+/// EETQ's codes are repacked along K at load: the grouped GEMV reads them as 8-bit words with
+/// the row's scale for every group, rounding each weight to f16 with f32 activations.
+#[test]
+fn eetq_every_candidate_and_every_row_count_at_k_4096() {
+    let ctx = gpu();
+    let w = eetq(36, 512);
+    let gw = GpuQuantWeight::from_eetq(ctx, &w).unwrap();
+    for m in [1, 6] {
+        let candidates = gw.gemv_candidates(ctx, m, &Fused::default());
+        assert!(candidates.len() >= 8, "m={m}: {candidates:?}");
+        let (x, expected) = input(&w, m, ActDtype::F32);
+        for variant in candidates {
+            let case = format!("eetq m={m}");
+            check_variant(ctx, &gw, &x, &expected, ActDtype::F32, variant, &case);
+        }
+    }
+    let w = eetq(20, 4096);
+    let gw = GpuQuantWeight::from_eetq(ctx, &w).unwrap();
+    assert_eq!(gw.dequantize(ctx).unwrap().data, w.dequantize().data);
+    for m in 1..=16 {
+        for act in common::act_dtypes(ctx) {
+            let (x, expected) = input(&w, m, act);
+            let default = gw.gemv_default(ctx, m, &Fused::default());
+            check_variant(
+                ctx,
+                &gw,
+                &x,
+                &expected,
+                act,
+                default,
+                &format!("eetq m={m}"),
+            );
         }
     }
 }

@@ -13,8 +13,8 @@ struct FormatParams {
     // How scale and zero are stored: 0 = f32, 1 = f16 pairs, 2 = bf16 pairs (two per u32, the
     // even group in the low half); chosen at upload where the values convert exactly.
     meta_storage: u32,
+    pad0: u32,
     pad1: u32,
-    pad2: u32,
 }
 
 @group(0) @binding(1) var<uniform> q: FormatParams;
@@ -65,6 +65,15 @@ fn f16_bits_to_f32(h: u32) -> f32 {
         return bitcast<f32>(sign | 0x7f800000u | (mantissa << 13u));
     }
     return bitcast<f32>(sign | ((exponent + 112u) << 23u) | (mantissa << 13u));
+}
+
+// The grouped GEMV's view (gemv_grouped.wgsl).
+fn group_size() -> u32 {
+    return q.group_size;
+}
+
+fn slab_rows() -> u32 {
+    return q.slab_rows;
 }
 
 fn group_scale(g: u32) -> f32 {

@@ -5,8 +5,9 @@
 //! everywhere, and [`GpuQuantWeight::prepare_gemv`] records one exact variant (for timing).
 //!
 //! It serves weights whose packed words run along K and whose groups hold whole 16-input units
-//! of one row (HQQ with byte-packed fields, axis 1, `16 | group_size | K`); any other weight has
-//! one variant, [`LEGACY_GEMV`], the element- or word-at-a-time kernel of `quant_gemv.wgsl`.
+//! of one row: HQQ with byte-packed fields (8, 4, 2 bits), axis 1, `16 | group_size | K`; EETQ
+//! (repacked at load) where `64 | K`. Any other weight has one variant, [`LEGACY_GEMV`], the
+//! element- or word-at-a-time kernel of `quant_gemv.wgsl`.
 //!
 //! Rounding: the reference rounds each dequantized weight to the compute dtype where it is f16
 //! or bf16. The factored form `s·(Σ x q − z Σ x)` drops that rounding, which moves f32 outputs
@@ -67,9 +68,10 @@ const PACKED_ROWS: [u32; 4] = [1, 2, 4, 8];
 const MAX_ROWS: u32 = 32;
 /// Most accumulators (rows x MAX_M) an invocation keeps, unless one packed row needs more.
 const MAX_ACCUMULATORS: u32 = 32;
-/// Partial sums (f32) the reductions keep in workgroup memory: 8 KiB.
+/// Partial sums (f32) the workgroup reduction keeps in workgroup memory at most: 8 KiB.
 const PARTIAL_VALUES: u32 = 2048;
-/// Smallest subgroup the subgroup reduction's workgroup memory is sized for (`MIN_SUBGROUP`).
+/// Smallest subgroup the subgroup reduction's workgroup memory is sized for (`MIN_SUBGROUP`);
+/// its partial sums take an eighth of the workgroup reduction's at most.
 const MIN_SUBGROUP: u32 = 8;
 /// Values of x (columns x rows) the OFT prologue rotates into workgroup memory at a time.
 const OFT_CHUNK_VALUES: u32 = 2048;
@@ -108,7 +110,10 @@ impl GroupedLayout {
                 continue;
             }
             for rows in self.row_options(max_m) {
-                if fused && rows != self.default_rows(max_m) {
+                // The workgroup's accumulators fit the partial sums at once, so the workgroup
+                // reduction takes one pass.
+                let one_pass = workgroup_size * rows * max_m <= PARTIAL_VALUES;
+                if !one_pass || (fused && rows != self.default_rows(max_m)) {
                     continue;
                 }
                 for split_k in SPLITS.into_iter().filter(|s| *s <= groups_per_row.max(1)) {
@@ -118,11 +123,8 @@ impl GroupedLayout {
                         split_k,
                         reduction: Reduction::Workgroup,
                     });
-                    let outputs = rows * max_m;
                     let subgroup_fits = subgroup.is_some_and(|size| {
-                        size >= MIN_SUBGROUP
-                            && workgroup_size.is_multiple_of(size)
-                            && outputs * (workgroup_size / MIN_SUBGROUP) <= PARTIAL_VALUES
+                        size >= MIN_SUBGROUP && workgroup_size.is_multiple_of(size)
                     });
                     if subgroup_fits {
                         out.push(GemvVariant {

@@ -267,7 +267,9 @@ impl GpuQuantWeight {
     /// Whether the GEMV decodes this weight a packed word at a time (in every row slice) rather
     /// than an element at a time.
     pub fn gemv_decodes_words(&self) -> bool {
-        self.slices.iter().all(|s| s.shader.word_units)
+        self.slices
+            .iter()
+            .all(|s| s.shader.word_units || s.grouped.is_some())
     }
 
     /// Row slices the weight is bound as (one unless it exceeds a binding).
