@@ -105,6 +105,13 @@ fn describe(source: &str, keys: &[ShaderKey]) -> Result<Value, String> {
             },
         }));
     }
+    // naga 30 rejects `enable subgroups;` (it reads subgroup builtins without it); Tint requires
+    // it.
+    let source = if first.needs_subgroups() {
+        format!("enable subgroups;\n{source}")
+    } else {
+        source.to_string()
+    };
     // The WebGPU feature behind each `enable` directive of the source.
     let features: Vec<&str> = source
         .lines()

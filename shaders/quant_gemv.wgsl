@@ -14,6 +14,10 @@
 @group(0) @binding(7) var<storage, read> bias: array<f32>;
 @group(0) @binding(8) var<storage, read_write> y: array<Act>;
 
+fn x_elem(i: u32) -> f32 {
+    return f32(x[i]);
+}
+
 #include "common/fused_ops.wgsl"
 
 var<workgroup> partial: array<f32, WG * MAX_M * REDUCE_ROWS>;

@@ -110,13 +110,14 @@ fn gptq_matches_cpu_for_every_bit_width_zero_convention_and_act_order() {
 
 #[test]
 fn eetq_matches_cpu() {
-    // 96 outputs: a code word holds four outputs; 94: rows of codes end mid-word.
-    for (out, words) in [(96, true), (94, false)] {
-        let mut w = EetqWeight::quantize(&random_matrix(out, 128, 0.1)).unwrap();
+    // Codes repacked along K: the grouped GEMV reads words where 64 | K, at any number of
+    // outputs; elsewhere an element at a time.
+    for (out, inp, words) in [(96, 128, true), (94, 128, true), (94, 120, false)] {
+        let mut w = EetqWeight::quantize(&random_matrix(out, inp, 0.1)).unwrap();
         w.bias = Some(random_matrix(1, out, 0.2).data);
         let w = QuantWeight::Eetq(w);
         let gw = GpuQuantWeight::upload(gpu(), &w).unwrap();
-        assert_eq!(gw.gemv_decodes_words(), words, "{out} outputs");
+        assert_eq!(gw.gemv_decodes_words(), words, "{out}x{inp}");
         check(&w);
     }
 }

@@ -1,5 +1,5 @@
 // What a quantized matmul can fuse around itself, switched on by flags:
-//   OFT_PROLOGUE: x is rotated by one OFT adapter's block-diagonal R on the way in (row-vector
+//   OFT_PROLOGUE: x (read through the includer's `x_elem(flat index)`) is rotated by one OFT adapter's block-diagonal R on the way in (row-vector
 //     convention, as `oft_rotate.wgsl`), rounded to Act as PEFT casts the rotated input back.
 //   LORA_EPILOGUE: one LoRA / DoRA adapter's term s·(h·Bᵀ), with h = x·Aᵀ from `lora.wgsl`'s
 //     shrink, is added to the output before its single write (as `lora.wgsl`'s expand does);
@@ -34,7 +34,7 @@ fn rotated_x(row: u32, k: u32) -> f32 {
     let x0 = row * p.k + block * b;
     var acc = 0.0;
     for (var j = 0u; j < b; j++) {
-        acc += f32(x[x0 + j]) * oft_blocks[r0 + j * b + c];
+        acc += x_elem(x0 + j) * oft_blocks[r0 + j * b + c];
     }
     return f32(Act(acc));
 }

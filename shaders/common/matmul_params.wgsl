@@ -8,8 +8,9 @@ struct MatmulParams {
     has_bias: u32,
     n_offset: u32,
     y_cols: u32,
-    pad0: u32,
-    pad1: u32,
+    // Slices of K a split-K GEMV sums (1 for every other kernel).
+    split_k: u32,
+    pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: MatmulParams;

@@ -1,46 +1,54 @@
-// EETQ: int8 codes in plain row-major [K, N] (the CUTLASS layout is undone at load), four per
-// word, and one f16 scale per output channel (held as f32).
+// EETQ: int8 codes, repacked at load to row-major [N, K] (the CUTLASS layout undone, then
+// transposed so each output's codes run along K), stored offset by 128 (code + 128 as a byte),
+// four per word, and one f16 scale per output channel (held as f32). For the grouped GEMV each
+// row is cut into groups of GEMV_GROUP inputs (`kernels::eetq::GEMV_GROUP`; the host checks that
+// it divides K) that share the row's scale and a zero of 128.
 #include "common/rounding.wgsl"
 
-@group(0) @binding(2) var<storage, read> codes: array<u32>;
+const GEMV_GROUP: u32 = 64u;
+#ifdef VEC4_WORDS
+@group(0) @binding(2) var<storage, read> packed: array<vec4<u32>>;
+
+fn code_word(i: u32) -> u32 {
+    return packed[i >> 2u][i & 3u];
+}
+#else
+@group(0) @binding(2) var<storage, read> packed: array<u32>;
+
+fn code_word(i: u32) -> u32 {
+    return packed[i];
+}
+#endif
 @group(0) @binding(3) var<storage, read> scales: array<f32>;
 
-fn eetq_code(k: u32, n: u32) -> i32 {
-    let e = k * p.n + n;
-    let byte = (codes[e >> 2u] >> ((e & 3u) * 8u)) & 0xffu;
-    return (i32(byte) << 24u) >> 24u;
+const ZERO_CODE: f32 = 128.0;
+
+// Code q of weight (n, k), in -128..127.
+fn eetq_code(n: u32, k: u32) -> f32 {
+    let e = n * p.k + k;
+    let byte = (code_word(e >> 2u) >> ((e & 3u) * 8u)) & 0xffu;
+    return f32(byte) - ZERO_CODE;
 }
 
 // q * scale, rounded once to f16 as EETQ's fp16 dequantization is.
 fn dequant_weight(n: u32, k: u32) -> f32 {
-    return to_compute(f32(eetq_code(k, n)) * scales[n]);
+    return to_compute(eetq_code(n, k) * scales[n]);
 }
 
-#ifdef WORD_UNITS
-// Word-at-a-time decoding for the GEMV when 4 | N: the word holding code (k, n) with 4 | n also
-// holds outputs n+1..n+3, so a tile (ROWS a multiple of 4, starting at a multiple of ROWS)
-// loads one word per four rows.
-const UNIT_K: u32 = 1u;
-
-fn gemv_row(tile: u32, t: u32) -> u32 {
-    return tile * ROWS + t;
+// The grouped GEMV's view (gemv_grouped.wgsl): one slab of whole rows; group g is in row
+// g / (groups per row).
+fn group_size() -> u32 {
+    return GEMV_GROUP;
 }
 
-fn gemv_unit(acc: ptr<function, array<f32, MAX_M * ROWS>>, tile: u32, k: u32) {
-    let xk = x_column(k);
-    var word = 0u;
-    for (var t = 0u; t < ROWS; t++) {
-        let n = gemv_row(tile, t);
-        if (n < p.n) {
-            if (t % 4u == 0u) {
-                word = codes[(k * p.n + n) >> 2u];
-            }
-            let code = i32(word << (24u - 8u * (t % 4u))) >> 24u;
-            let w = to_compute(f32(code) * scales[n]);
-            for (var r = 0u; r < MAX_M; r++) {
-                (*acc)[t * MAX_M + r] += w * xk[r];
-            }
-        }
-    }
+fn slab_rows() -> u32 {
+    return p.n;
 }
-#endif
+
+fn group_scale(g: u32) -> f32 {
+    return scales[g / (p.k / GEMV_GROUP)];
+}
+
+fn group_zero(g: u32) -> f32 {
+    return ZERO_CODE;
+}

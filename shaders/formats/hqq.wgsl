@@ -10,14 +10,16 @@ struct FormatParams {
     slab_len: u32,
     // Rows of W per slab, where slabs hold whole rows (WORD_UNITS only).
     slab_rows: u32,
+    // How scale and zero are stored: 0 = f32, 1 = f16 pairs, 2 = bf16 pairs (two per u32, the
+    // even group in the low half); chosen at upload where the values convert exactly.
+    meta_storage: u32,
     pad0: u32,
     pad1: u32,
-    pad2: u32,
 }
 
 @group(0) @binding(1) var<uniform> q: FormatParams;
-#ifdef WORD_UNITS
-// Read 16 bytes at a time by the GEMV's units.
+#ifdef VEC4_WORDS
+// Read 16 bytes at a time by the GEMVs.
 @group(0) @binding(2) var<storage, read> packed: array<vec4<u32>>;
 
 fn packed_word(i: u32) -> u32 {
@@ -30,8 +32,57 @@ fn packed_word(i: u32) -> u32 {
     return packed[i];
 }
 #endif
-@group(0) @binding(3) var<storage, read> scale: array<f32>;
-@group(0) @binding(4) var<storage, read> zero: array<f32>;
+@group(0) @binding(3) var<storage, read> scale: array<u32>;
+@group(0) @binding(4) var<storage, read> zero: array<u32>;
+
+// Where group g's value sits in a metadata buffer, and its value from that word, as `q.meta_storage`
+// says (exact widening in every case).
+fn meta_index(g: u32) -> u32 {
+    return select(g >> 1u, g, q.meta_storage == 0u);
+}
+
+fn meta_value(word: u32, g: u32) -> f32 {
+    if (q.meta_storage == 0u) {
+        return bitcast<f32>(word);
+    }
+    let half = select(word & 0xffffu, word >> 16u, (g & 1u) == 1u);
+    if (q.meta_storage == 1u) {
+        return f16_bits_to_f32(half);
+    }
+    return bitcast<f32>(half << 16u);
+}
+
+// The f16 with bits h, widened exactly with integer ops (unpack2x16float may flush subnormals).
+fn f16_bits_to_f32(h: u32) -> f32 {
+    let sign = (h & 0x8000u) << 16u;
+    let exponent = (h >> 10u) & 0x1fu;
+    let mantissa = h & 0x3ffu;
+    if (exponent == 0u) {
+        // Subnormal or zero: mantissa * 2^-24, exact in f32.
+        return bitcast<f32>(sign | bitcast<u32>(f32(mantissa) * 5.9604645e-8));
+    }
+    if (exponent == 31u) {
+        return bitcast<f32>(sign | 0x7f800000u | (mantissa << 13u));
+    }
+    return bitcast<f32>(sign | ((exponent + 112u) << 23u) | (mantissa << 13u));
+}
+
+// The grouped GEMV's view (gemv_grouped.wgsl).
+fn group_size() -> u32 {
+    return q.group_size;
+}
+
+fn slab_rows() -> u32 {
+    return q.slab_rows;
+}
+
+fn group_scale(g: u32) -> f32 {
+    return meta_value(scale[meta_index(g)], g);
+}
+
+fn group_zero(g: u32) -> f32 {
+    return meta_value(zero[meta_index(g)], g);
+}
 
 // Code of flat weight index f = row * K + col: slab f / slab_len, element f % slab_len, the
 // first slab in the high bits. 3-bit packs 10 fields per int32 word, the others pack bytes.
@@ -57,7 +108,7 @@ fn hqq_group(f: u32) -> u32 {
 fn dequant_weight(n: u32, k: u32) -> f32 {
     let f = n * p.k + k;
     let g = hqq_group(f);
-    return to_compute(to_compute(f32(hqq_code(f)) - zero[g]) * scale[g]);
+    return to_compute(to_compute(f32(hqq_code(f)) - group_zero(g)) * group_scale(g));
 }
 
 #ifdef WORD_UNITS
@@ -91,7 +142,7 @@ fn word_weights(word: u32, s: u32, f: u32) -> vec4<f32> {
             g += i;
         }
         let code = (word >> (8u * i + shift)) & mask;
-        w[i] = to_compute(to_compute(f32(code) - zero[g]) * scale[g]);
+        w[i] = to_compute(to_compute(f32(code) - group_zero(g)) * group_scale(g));
     }
     return w;
 }

@@ -45,6 +45,14 @@ const FILES: &[(&str, &str)] = &[
     ),
     ("fma_peak.wgsl", include_str!("../../shaders/fma_peak.wgsl")),
     (
+        "gemv_grouped.wgsl",
+        include_str!("../../shaders/gemv_grouped.wgsl"),
+    ),
+    (
+        "gemv_split_sum.wgsl",
+        include_str!("../../shaders/gemv_split_sum.wgsl"),
+    ),
+    (
         "formats/eetq.wgsl",
         include_str!("../../shaders/formats/eetq.wgsl"),
     ),
@@ -146,7 +154,8 @@ impl ShaderKey {
         self.act == ActDtype::F16 || self.flags.contains(&"F16")
     }
 
-    /// Whether the specialization needs the SUBGROUP feature (the `SUBGROUP` flag is on).
+    /// Whether the specialization needs the SUBGROUP feature (the `SUBGROUP` flag is on:
+    /// `kernels::gemv`'s subgroup reduction).
     pub fn needs_subgroups(&self) -> bool {
         self.flags.contains(&"SUBGROUP")
     }
@@ -156,6 +165,12 @@ impl ShaderKey {
         let mut out = String::new();
         if self.needs_f16() {
             out.push_str("enable f16;\n");
+        }
+        // Browsers compile the WGSL themselves and want subgroups enabled; naga 30 refuses the
+        // directive (its subgroup builtins need none).
+        #[cfg(target_arch = "wasm32")]
+        if self.needs_subgroups() {
+            out.push_str("enable subgroups;\n");
         }
         out.push_str(&format!("alias Act = {};\n", self.act.wgsl()));
         for (name, value) in &self.consts {

@@ -3,8 +3,9 @@
 use crate::error::Result;
 use crate::formats::hqq::{ComputeDtype, Grouping, HqqWeight, Packing};
 use crate::gpu::GpuContext;
-use crate::gpu::buffers::{storage_from_bytes, storage_from_f32, uniform};
+use crate::gpu::buffers::{storage_from_bytes, uniform};
 use crate::gpu::shaders::ShaderKey;
+use crate::kernels::gemv::{GroupedLayout, grouped_keys};
 use crate::kernels::quant::{FormatShader, GpuQuantWeight};
 
 /// Mirrors `FormatParams` in `shaders/formats/hqq.wgsl`.
@@ -16,7 +17,8 @@ struct HqqParams {
     axis: u32,
     slab_len: u32,
     slab_rows: u32,
-    pad: [u32; 3],
+    meta_storage: u32,
+    pad: [u32; 2],
 }
 
 /// `COMPUTE` in `shaders/common/rounding.wgsl`.
@@ -49,7 +51,14 @@ pub fn shader_keys() -> Vec<ShaderKey> {
         for compute in [ComputeDtype::F32, ComputeDtype::F16, ComputeDtype::BF16] {
             keys.extend(shader(bits, compute, false).keys());
             if WORD_FIELD_BITS.contains(&bits) {
-                keys.extend(shader(bits, compute, true).keys());
+                let word_shader = shader(bits, compute, true);
+                keys.extend(word_shader.keys());
+                let layout = GroupedLayout {
+                    slabs: 8 / bits,
+                    group_size: 64,
+                    rounds_weights: compute != ComputeDtype::F32,
+                };
+                keys.extend(grouped_keys(&word_shader, layout));
             }
         }
     }
@@ -76,6 +85,21 @@ fn word_unit_slab_rows(b: &HqqBuffers<'_>) -> Option<usize> {
     fits.then(|| b.slab_len / in_features)
 }
 
+/// The grouped GEMV's view of a layout the word-at-a-time GEMV can read, where groups run along
+/// rows (axis 1) in whole 16-input units and never straddle rows.
+fn grouped_layout(b: &HqqBuffers<'_>, word_units: bool) -> Option<GroupedLayout> {
+    let group_size = b.grouping.group_size;
+    let fits = word_units
+        && b.grouping.axis == 1
+        && group_size.is_multiple_of(16)
+        && b.shape.1.is_multiple_of(group_size);
+    fits.then(|| GroupedLayout {
+        slabs: 8 / b.packing.field_bits(),
+        group_size: group_size as u32,
+        rounds_weights: b.compute != ComputeDtype::F32,
+    })
+}
+
 /// Where an HQQ weight's packed codes, scale and zero sit on the GPU, and how they are laid out.
 pub(crate) struct HqqBuffers<'a> {
     pub shape: (usize, usize),
@@ -87,11 +111,65 @@ pub(crate) struct HqqBuffers<'a> {
     pub packed: wgpu::Buffer,
     pub scale: wgpu::Buffer,
     pub zero: wgpu::Buffer,
+    /// How `scale` and `zero` are stored (`meta_storage` in `shaders/formats/hqq.wgsl`).
+    pub meta: MetaStorage,
+}
+
+/// How an HQQ weight's scale and zero are stored on the GPU: as the checkpoint holds them where
+/// that is exact, so a GEMV moves 2 bytes per value instead of 4.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MetaStorage {
+    /// One f32 per group.
+    F32,
+    /// Two f16 per u32 (the even group in the low half).
+    F16,
+    /// Two bf16 per u32, widened exactly by a shift.
+    Bf16,
+}
+
+impl MetaStorage {
+    /// `meta_storage` in `shaders/formats/hqq.wgsl`.
+    fn code(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Bf16 => 2,
+        }
+    }
+
+    /// The narrowest storage that holds every value of `scale` and `zero` exactly: the
+    /// checkpoint's f16 / bf16 when the compute dtype says the values are in it.
+    fn for_values(compute: ComputeDtype, scale: &[f32], zero: &[f32]) -> Self {
+        let all = |exact: fn(f32) -> bool| scale.iter().chain(zero).all(|v| exact(*v));
+        let f16_exact = |v: f32| half::f16::from_f32(v).to_f32().to_bits() == v.to_bits();
+        let bf16_exact = |v: f32| v.to_bits() & 0xffff == 0;
+        match compute {
+            ComputeDtype::F16 if all(f16_exact) => Self::F16,
+            ComputeDtype::BF16 if all(bf16_exact) => Self::Bf16,
+            _ => Self::F32,
+        }
+    }
+
+    /// `values` in this storage, as bytes to upload.
+    fn encode(self, values: &[f32]) -> Vec<u8> {
+        let halves = |bits: fn(f32) -> u16| {
+            let mut out: Vec<u8> = values.iter().flat_map(|v| bits(*v).to_le_bytes()).collect();
+            // Whole u32 words, whatever the count.
+            out.resize(out.len().div_ceil(4) * 4, 0);
+            out
+        };
+        match self {
+            Self::F32 => bytemuck::cast_slice(values).to_vec(),
+            Self::F16 => halves(|v| half::f16::from_f32(v).to_bits()),
+            Self::Bf16 => halves(|v| (v.to_bits() >> 16) as u16),
+        }
+    }
 }
 
 impl GpuQuantWeight {
     /// Uploads an HQQ weight as stored: packed codes, scale and zero per group.
     pub fn from_hqq(ctx: &GpuContext, w: &HqqWeight) -> Result<Self> {
+        let meta = MetaStorage::for_values(w.compute_dtype, &w.scale, &w.zero);
         let buffers = HqqBuffers {
             shape: (w.out_features, w.in_features),
             grouping: &w.grouping,
@@ -99,8 +177,9 @@ impl GpuQuantWeight {
             slab_len: w.packed_rows * w.packed_cols,
             compute: w.compute_dtype,
             packed: storage_from_bytes(ctx, "hqq W_q", &w.packed)?,
-            scale: storage_from_f32(ctx, "hqq scale", &w.scale)?,
-            zero: storage_from_f32(ctx, "hqq zero", &w.zero)?,
+            scale: storage_from_bytes(ctx, "hqq scale", &meta.encode(&w.scale))?,
+            zero: storage_from_bytes(ctx, "hqq zero", &meta.encode(&w.zero))?,
+            meta,
         };
         Self::from_hqq_buffers(ctx, buffers, w.bias.as_deref())
     }
@@ -112,13 +191,15 @@ impl GpuQuantWeight {
         bias: Option<&[f32]>,
     ) -> Result<Self> {
         let slab_rows = word_unit_slab_rows(&b);
+        let grouped = grouped_layout(&b, slab_rows.is_some());
         let params = HqqParams {
             group_size: b.grouping.group_size as u32,
             groups: b.grouping.groups() as u32,
             axis: b.grouping.axis as u32,
             slab_len: b.slab_len as u32,
             slab_rows: slab_rows.unwrap_or(0) as u32,
-            pad: [0; 3],
+            meta_storage: b.meta.code(),
+            pad: [0; 2],
         };
         let bindings = vec![
             (1, uniform(ctx, "hqq params", &params)?),
@@ -133,6 +214,7 @@ impl GpuQuantWeight {
             bindings,
             bias,
         )
+        .map(|w| w.with_grouped_layout(grouped))
     }
 }
 
@@ -149,6 +231,7 @@ mod tests {
             axis,
             slab_len,
             slab_rows,
+            meta_storage,
             pad
         });
         assert_matches_shader(&shader_keys(), "FormatParams", layout);

@@ -19,7 +19,7 @@ use crate::gpu::buffers::{
 };
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext};
-use crate::kernels::hqq::{HqqBuffers, compute_code};
+use crate::kernels::hqq::{HqqBuffers, MetaStorage, compute_code};
 use crate::kernels::quant::GpuQuantWeight;
 use crate::kernels::{Dispatch, bind, grid};
 use crate::tensor::Matrix;
@@ -315,6 +315,8 @@ pub fn quantize_on_gpu(
         packed: q.packed,
         scale: q.scale,
         zero: q.zero,
+        // The quantizer writes f32; narrowing them would need another pass.
+        meta: MetaStorage::F32,
     };
     GpuQuantWeight::from_hqq_buffers(ctx, buffers, bias)
 }

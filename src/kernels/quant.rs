@@ -10,6 +10,7 @@ use crate::gpu::buffers::{read_f32, scratch_f32, storage_from_f32, uniform};
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
 use crate::kernels::fused::{EpilogueKind, Fused, extra_storage_bindings, with_fused_flags};
+use crate::kernels::gemv::GroupedLayout;
 use crate::kernels::{
     Dispatch, GEMM_BLOCKS, GEMM_TILE, GEMV_ROW_SPECIALIZATIONS, MatmulPath, bind_resources,
     check_io, check_path_rows, gemm_block, gemm_grid, gemv_max_m, grid,
@@ -44,7 +45,8 @@ struct MatmulParams {
     has_bias: u32,
     n_offset: u32,
     y_cols: u32,
-    pad: [u32; 2],
+    split_k: u32,
+    pad: u32,
 }
 
 /// Which format's decoder a specialization includes, and its constants.
@@ -61,7 +63,7 @@ pub struct FormatShader {
 }
 
 impl FormatShader {
-    fn key(&self, family: &'static str, act: ActDtype) -> ShaderKey {
+    pub(crate) fn key(&self, family: &'static str, act: ActDtype) -> ShaderKey {
         let mut key = ShaderKey::new(family, "main", act).flag(self.flag, true);
         for (name, value) in &self.consts {
             key = key.constant(name, *value);
@@ -83,7 +85,8 @@ impl FormatShader {
             .constant("ROWS", GEMV_ROWS_PER_WORKGROUP as u32)
             .constant("CHUNK", GEMV_OFT_CHUNK_VALUES / gemv_max_m(rows))
             .constant("REDUCE_ROWS", gemv_reduce_rows(rows))
-            .flag("WORD_UNITS", self.word_units);
+            .flag("WORD_UNITS", self.word_units)
+            .flag("VEC4_WORDS", self.word_units);
         with_fused_flags(key, oft, lora)
     }
 
@@ -126,22 +129,24 @@ pub struct GpuQuantWeight {
     pub out_features: usize,
     /// Columns of `W` and of x.
     pub in_features: usize,
-    slices: Vec<RowSlice>,
+    pub(crate) slices: Vec<RowSlice>,
     /// The whole layer's bias (a single zero when it has none), for adapters' epilogues.
     bias: wgpu::Buffer,
 }
 
 /// Output rows `[row_offset, row_offset + rows)` of a weight with their own bindings.
 #[derive(Debug)]
-struct RowSlice {
+pub(crate) struct RowSlice {
     row_offset: usize,
-    rows: usize,
-    shader: FormatShader,
+    pub(crate) rows: usize,
+    pub(crate) shader: FormatShader,
     /// Bound from binding 1 on: the format's uniform (if any) and its storage buffers.
     format_bindings: Vec<(u32, wgpu::Buffer)>,
-    bias: wgpu::Buffer,
+    pub(crate) bias: wgpu::Buffer,
     has_bias: bool,
     resident_bytes: usize,
+    /// The layout `kernels::gemv`'s grouped GEMV reads, where it serves this slice.
+    pub(crate) grouped: Option<GroupedLayout>,
 }
 
 fn bias_buffer(ctx: &GpuContext, bias: Option<&[f32]>) -> Result<wgpu::Buffer> {
@@ -180,6 +185,7 @@ impl GpuQuantWeight {
             bias: bias_buffer(ctx, bias)?,
             has_bias: bias.is_some(),
             resident_bytes,
+            grouped: None,
         };
         Ok(Self {
             out_features,
@@ -187,6 +193,14 @@ impl GpuQuantWeight {
             bias: slice.bias.clone(),
             slices: vec![slice],
         })
+    }
+
+    /// This weight with the layout the grouped GEMV reads (`kernels::gemv`), where it has one.
+    pub(crate) fn with_grouped_layout(mut self, layout: Option<GroupedLayout>) -> Self {
+        for slice in &mut self.slices {
+            slice.grouped = layout;
+        }
+        self
     }
 
     /// Uploads a base weight of any format, still packed, split by output rows where a buffer
@@ -253,7 +267,9 @@ impl GpuQuantWeight {
     /// Whether the GEMV decodes this weight a packed word at a time (in every row slice) rather
     /// than an element at a time.
     pub fn gemv_decodes_words(&self) -> bool {
-        self.slices.iter().all(|s| s.shader.word_units)
+        self.slices
+            .iter()
+            .all(|s| s.shader.word_units || s.grouped.is_some())
     }
 
     /// The format specialization of the first row slice, e.g. `HQQ FIELD_BITS=4 COMPUTE=0
@@ -287,7 +303,7 @@ impl GpuQuantWeight {
         let mut launches = Vec::new();
         for slice in &self.slices {
             let pipeline = ctx.pipeline(&slice.shader.dequant_key())?;
-            let params = slice.params(ctx, 0, self.in_features, self.out_features)?;
+            let params = slice.params(ctx, 0, self.in_features, self.out_features, 1)?;
             let bind =
                 slice.bind_group(ctx, &pipeline, &params, vec![(8, out.as_entire_binding())])?;
             let numel = (slice.rows * self.in_features) as u32;
@@ -371,38 +387,80 @@ impl GpuQuantWeight {
     ) -> Result<Dispatch> {
         check_io(x, y, self.in_features, self.out_features)?;
         check_path_rows(path, x.rows)?;
+        match path {
+            MatmulPath::Gemv => {
+                let variant = self.gemv_choice(ctx, x.rows, x.dtype, fused);
+                self.prepare_gemv(ctx, x, y, variant, fused)
+            }
+            MatmulPath::Tiled => {
+                self.check_fusable(ctx, path, x.rows, fused)?;
+                self.prepare_launches(ctx, x, y, fused, |slice| {
+                    Ok((
+                        slice
+                            .shader
+                            .gemm_key(x.dtype, gemm_block(x.rows), fused.epilogue_kind()),
+                        gemm_grid(slice.rows, x.rows)?,
+                    ))
+                })
+            }
+        }
+    }
+
+    /// Fails with [`Error::Unsupported`] unless `fused` can join a matmul on `path`.
+    pub(crate) fn check_fusable(
+        &self,
+        ctx: &GpuContext,
+        path: MatmulPath,
+        rows: usize,
+        fused: &Fused,
+    ) -> Result<()> {
         let oft_block = fused.oft.map(|o| o.block_size);
         if !fused.is_empty() && !self.can_fuse(ctx, path, oft_block, fused.epilogue_kind()) {
             return Err(Error::Unsupported(format!(
                 "fusing {} into a {}-row matmul of a {}x{} layer on this device",
                 fused.describe(),
-                x.rows,
+                rows,
                 self.out_features,
                 self.in_features
             )));
         }
+        Ok(())
+    }
+
+    /// The GEMV of `quant_gemv.wgsl` ([`LEGACY_GEMV`](super::gemv::LEGACY_GEMV)), for weights
+    /// the grouped GEMV does not serve.
+    pub(crate) fn prepare_legacy_gemv(
+        &self,
+        ctx: &GpuContext,
+        x: &GpuTensor,
+        y: &GpuTensor,
+        fused: &Fused,
+    ) -> Result<Dispatch> {
+        self.prepare_launches(ctx, x, y, fused, |slice| {
+            Ok((
+                slice
+                    .shader
+                    .gemv_key(x.dtype, x.rows, fused.oft.is_some(), fused.epilogue_kind()),
+                grid(slice.rows.div_ceil(GEMV_ROWS_PER_WORKGROUP) as u32),
+            ))
+        })
+    }
+
+    /// One launch per row slice of the kernel `choose` names, binding x, bias, y and `fused`.
+    fn prepare_launches(
+        &self,
+        ctx: &GpuContext,
+        x: &GpuTensor,
+        y: &GpuTensor,
+        fused: &Fused,
+        choose: impl Fn(&RowSlice) -> Result<(ShaderKey, (u32, u32))>,
+    ) -> Result<Dispatch> {
         let fused_params = fused.uniform(ctx)?;
         let mut launches = Vec::new();
         for slice in &self.slices {
-            let (key, groups) = match path {
-                MatmulPath::Gemv => (
-                    slice.shader.gemv_key(
-                        x.dtype,
-                        x.rows,
-                        fused.oft.is_some(),
-                        fused.epilogue_kind(),
-                    ),
-                    grid(slice.rows.div_ceil(GEMV_ROWS_PER_WORKGROUP) as u32),
-                ),
-                MatmulPath::Tiled => (
-                    slice
-                        .shader
-                        .gemm_key(x.dtype, gemm_block(x.rows), fused.epilogue_kind()),
-                    gemm_grid(slice.rows, x.rows)?,
-                ),
-            };
+            let (key, groups) = choose(slice)?;
             let pipeline = ctx.pipeline(&key)?;
-            let params = slice.params(ctx, x.rows, self.in_features, self.out_features)?;
+            let params = slice.params(ctx, x.rows, self.in_features, self.out_features, 1)?;
             let mut tail = vec![
                 (6, x.binding()),
                 (7, slice.bias.as_entire_binding()),
@@ -424,7 +482,14 @@ impl GpuQuantWeight {
 }
 
 impl RowSlice {
-    fn params(&self, ctx: &GpuContext, m: usize, k: usize, y_cols: usize) -> Result<wgpu::Buffer> {
+    pub(crate) fn params(
+        &self,
+        ctx: &GpuContext,
+        m: usize,
+        k: usize,
+        y_cols: usize,
+        split_k: u32,
+    ) -> Result<wgpu::Buffer> {
         uniform(
             ctx,
             "matmul params",
@@ -435,12 +500,13 @@ impl RowSlice {
                 has_bias: self.has_bias as u32,
                 n_offset: self.row_offset as u32,
                 y_cols: y_cols as u32,
-                pad: [0; 2],
+                split_k,
+                pad: 0,
             },
         )
     }
 
-    fn bind_group(
+    pub(crate) fn bind_group(
         &self,
         ctx: &GpuContext,
         pipeline: &wgpu::ComputePipeline,
@@ -482,6 +548,7 @@ mod tests {
             has_bias,
             n_offset,
             y_cols,
+            split_k,
             pad
         });
         assert_matches_shader(&crate::kernels::hqq::shader_keys(), "MatmulParams", layout);
