@@ -46,6 +46,21 @@ fn finish(row: u32, col: u32, acc: f32) {
 // subgroup size) and add with subgroupAdd; otherwise a tree in workgroup memory.
 const GEMV_WG: u32 = ROWS * ROW_LANES;
 
+// A unit (tests/gemv_ops.rs counts its operations): the 8 weights of one chunk of a feature's
+// row, at `index` in the weight and `c` along it, times x[r, 8c .. 8c + 8) into acc[r].
+const UNIT_WEIGHTS: u32 = 8u;
+
+fn gemv_unit(acc: ptr<function, array<f32, MAX_M>>, index: u32, c: u32) {
+    let w = weight[index];
+    let lo = vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
+    let hi = vec4<f32>(unpack2x16float(w.z), unpack2x16float(w.w));
+    for (var r = 0u; r < MAX_M; r++) {
+        if (r < p.m) {
+            (*acc)[r] += dot(x_quad(r, 2u * c), lo) + dot(x_quad(r, 2u * c + 1u), hi);
+        }
+    }
+}
+
 #ifndef SUBGROUP
 var<workgroup> partial: array<f32, MAX_M * GEMV_WG>;
 #endif
@@ -66,14 +81,7 @@ fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let walked = select(0u, chunks, n < p.n);
     var acc: array<f32, MAX_M>;
     for (var c = lane; c < walked; c += ROW_LANES) {
-        let w = weight[n * chunks + c];
-        let lo = vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
-        let hi = vec4<f32>(unpack2x16float(w.z), unpack2x16float(w.w));
-        for (var r = 0u; r < MAX_M; r++) {
-            if (r < p.m) {
-                acc[r] += dot(x_quad(r, 2u * c), lo) + dot(x_quad(r, 2u * c + 1u), hi);
-            }
-        }
+        gemv_unit(&acc, n * chunks + c, c);
     }
 #ifdef SUBGROUP
     for (var r = 0u; r < MAX_M; r++) {
