@@ -56,6 +56,7 @@ impl ShrinkVariant {
 }
 
 fn expand_key(act: ActDtype) -> ShaderKey {
+    // The module declares the shrink's workgroup memory, sized by WG, for both entry points.
     ShaderKey::new("lora", "expand", act).constant("WG", SHRINK_WORKGROUP)
 }
 

@@ -57,6 +57,7 @@ pub enum MixedSlot<'a> {
 /// The kernel `entry`; the shrink adds across its workgroup with subgroup operations when
 /// `subgroups` (workgroup memory otherwise).
 fn key(entry: &'static str, act: ActDtype, subgroups: bool) -> ShaderKey {
+    // The module declares the shrink's workgroup memory, sized by WG, for every entry point.
     ShaderKey::new("mixed_adapters", entry, act)
         .constant("WG", SHRINK_WORKGROUP)
         .flag("SUBGROUP", entry == "shrink" && subgroups)
