@@ -8,10 +8,15 @@
 // The includer provides `x: array<Act>`, `p` with m, n, k, `fn gemm_weight(n, k) -> f32` and
 // `fn gemm_store(row, col, acc)`.
 const OUT_TILE: u32 = TILE * BLOCK;
+// Row stride of the staging arrays: one past OUT_TILE. Neighbouring invocations of the staging
+// loop write neighbouring kk of one row of x or W (so their global reads are contiguous); with a
+// stride of OUT_TILE (16 or 64) a subgroup's 32 writes fell on 2 to 4 of 32 banks (8- to 16-way
+// conflicts), with this one at most 2 share a bank.
+const STAGE_STRIDE: u32 = OUT_TILE + 1u;
 
 // [kk][row] and [kk][feature] of the current K-slice.
-var<workgroup> xs: array<f32, TILE * OUT_TILE>;
-var<workgroup> ws: array<f32, TILE * OUT_TILE>;
+var<workgroup> xs: array<f32, TILE * STAGE_STRIDE>;
+var<workgroup> ws: array<f32, TILE * STAGE_STRIDE>;
 
 fn gemm_tiles(wid: vec3<u32>, lid: vec3<u32>, li: u32) {
     let row0 = wid.y * OUT_TILE;
@@ -26,20 +31,20 @@ fn gemm_tiles(wid: vec3<u32>, lid: vec3<u32>, li: u32) {
             if (row0 + j < p.m && k < p.k) {
                 xv = f32(x[(row0 + j) * p.k + k]);
             }
-            xs[kk * OUT_TILE + j] = xv;
+            xs[kk * STAGE_STRIDE + j] = xv;
             var wv = 0.0;
             if (col0 + j < p.n && k < p.k) {
                 wv = gemm_weight(col0 + j, k);
             }
-            ws[kk * OUT_TILE + j] = wv;
+            ws[kk * STAGE_STRIDE + j] = wv;
         }
         workgroupBarrier();
         for (var kk = 0u; kk < TILE; kk++) {
             var xr: array<f32, BLOCK>;
             var wr: array<f32, BLOCK>;
             for (var b = 0u; b < BLOCK; b++) {
-                xr[b] = xs[kk * OUT_TILE + lid.y + TILE * b];
-                wr[b] = ws[kk * OUT_TILE + lid.x + TILE * b];
+                xr[b] = xs[kk * STAGE_STRIDE + lid.y + TILE * b];
+                wr[b] = ws[kk * STAGE_STRIDE + lid.x + TILE * b];
             }
             for (var i = 0u; i < BLOCK; i++) {
                 for (var j = 0u; j < BLOCK; j++) {

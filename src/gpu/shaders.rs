@@ -40,6 +40,14 @@ const FILES: &[(&str, &str)] = &[
         include_str!("../../shaders/common/rounding.wgsl"),
     ),
     (
+        "common/workgroup_sum.wgsl",
+        include_str!("../../shaders/common/workgroup_sum.wgsl"),
+    ),
+    (
+        "common/x_quads.wgsl",
+        include_str!("../../shaders/common/x_quads.wgsl"),
+    ),
+    (
         "dense_matmul.wgsl",
         include_str!("../../shaders/dense_matmul.wgsl"),
     ),
@@ -154,8 +162,8 @@ impl ShaderKey {
         self.act == ActDtype::F16 || self.flags.contains(&"F16")
     }
 
-    /// Whether the specialization needs the SUBGROUP feature (the `SUBGROUP` flag is on:
-    /// `kernels::gemv`'s subgroup reduction).
+    /// Whether the specialization needs the SUBGROUP feature (the `SUBGROUP` flag is on: the
+    /// subgroup reductions of the GEMVs and the LoRA shrinks).
     pub fn needs_subgroups(&self) -> bool {
         self.flags.contains(&"SUBGROUP")
     }
@@ -166,12 +174,6 @@ impl ShaderKey {
         if self.needs_f16() {
             out.push_str("enable f16;\n");
         }
-        // Browsers compile the WGSL themselves and want subgroups enabled; naga 30 refuses the
-        // directive (its subgroup builtins need none).
-        #[cfg(target_arch = "wasm32")]
-        if self.needs_subgroups() {
-            out.push_str("enable subgroups;\n");
-        }
         out.push_str(&format!("alias Act = {};\n", self.act.wgsl()));
         for (name, value) in &self.consts {
             out.push_str(&format!("const {name}: u32 = {value}u;\n"));
@@ -179,6 +181,18 @@ impl ShaderKey {
         let main = format!("{}.wgsl", self.family);
         preprocess(&main, &self.flags, &mut out, 0)?;
         Ok(out)
+    }
+
+    /// [`Self::source`] as WebGPU's own compilers want it (Tint, in browsers and Dawn): Tint
+    /// requires `enable subgroups;` before any subgroup builtin, while naga 30 refuses the
+    /// directive as not yet implemented, so only this form carries it.
+    pub fn webgpu_source(&self) -> Result<String> {
+        let source = self.source()?;
+        Ok(if self.needs_subgroups() {
+            format!("enable subgroups;\n{source}")
+        } else {
+            source
+        })
     }
 }
 
