@@ -192,7 +192,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             }
         }
         workgroupBarrier();
-        for (var g = c0 + lid; g < min(c0 + chunk_groups, g_end); g += WG) {
+        // The groups this invocation takes without the prologue ((g - g_begin) % WG == lid), in
+        // the same order, so both paths sum alike.
+        let first = c0 + (lid + WG - (c0 - g_begin) % WG) % WG;
+        for (var g = first; g < min(c0 + chunk_groups, g_end); g += WG) {
             add_group(&acc, tile, g);
         }
         workgroupBarrier();

@@ -16,6 +16,17 @@
 //! is f32, and otherwise rounds every weight as the reference does, keeping the rest of the
 //! shape (vector loads, metadata once per group, the reductions). The dequant kernel and merges
 //! keep PyTorch's rounding exactly.
+//!
+//! Cost per weight, counted from `gemv_grouped.wgsl` (M rows of x, R outputs per workgroup, G
+//! inputs per group): decoding a code takes a shift, a mask and a conversion (3 operations, once
+//! for all M rows); each row then adds 1 multiply-add in `dot` and 1/4 for the scale, so the
+//! factored form costs `3/M + 1.25` operations per weight and row, plus per group and output
+//! about 20/G for the f16 metadata and 2M/G for the zero term, and `(4..8)/(4R)` per weight and
+//! row for loading, widening and summing x. The rounded form adds two f16 roundings (about 12
+//! operations each, 6 for bf16) and a subtract and a multiply per weight: about 29 at M = 1.
+//! Bytes moved from memory per weight: `bits/8 + 2·(2 or 4)/G` (HQQ metadata as halves or
+//! f32), `1 + 4/K` for EETQ; x is read once per workgroup (`4M/R` bytes per weight from cache,
+//! half that in f16), y written once, and split-K adds `8·split·M/K` for its partial sums.
 
 use serde::{Deserialize, Serialize};
 
