@@ -13,9 +13,9 @@
 // compute dtype first, as the reference does (common/rounding.wgsl), for f32 activations on a
 // rounding compute dtype, where the factored form would leave the 1e-4 tolerance.
 // The WG partial sums of each output are reduced across the workgroup with subgroupAdd then
-// workgroup memory (SUBGROUP: the host checked that every subgroup has the same size, at least
-// MIN_SUBGROUP and dividing WG; subgroups are taken to hold consecutive local_invocation_index
-// values, as Vulkan, D3D12 and Metal drivers lay them out), or by a tree in workgroup memory.
+// workgroup memory, one slot per subgroup_id (SUBGROUP: the host checked that the adapter reports
+// one subgroup size of at least MIN_SUBGROUP, so no workgroup has more than MAX_SUBGROUPS), or by
+// a tree in workgroup memory.
 // With SPLIT_OUT the sums go to `slices` ([split_k, M, n]) for gemv_split_sum.wgsl, which adds
 // bias and the LoRA epilogue; otherwise they are written to y here. With OFT_PROLOGUE each
 // workgroup rotates its slice of x CHUNK columns at a time into workgroup memory.
@@ -46,7 +46,8 @@ const BYTE_SHIFTS: vec4<u32> = vec4<u32>(8u - FIELD_BITS, 16u - FIELD_BITS, 24u 
 
 #ifdef SUBGROUP
 const MIN_SUBGROUP: u32 = 8u;
-var<workgroup> partial: array<f32, OUTPUTS * (WG / MIN_SUBGROUP)>;
+const MAX_SUBGROUPS: u32 = WG / MIN_SUBGROUP;
+var<workgroup> partial: array<f32, OUTPUTS * MAX_SUBGROUPS>;
 #else
 // The host keeps OUTPUTS * WG within 2048 (8 KiB): one pass reduces every output.
 var<workgroup> partial: array<f32, OUTPUTS * WG>;
@@ -167,7 +168,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         @builtin(local_invocation_index) lid: u32
 #ifdef SUBGROUP
         , @builtin(subgroup_invocation_id) sg_lane: u32
-        , @builtin(subgroup_size) sg_size: u32
+        , @builtin(subgroup_id) sg_id: u32
+        , @builtin(num_subgroups) sg_count: u32
 #endif
         ) {
     let linear = wid.x + wid.y * nwg.x;
@@ -206,18 +208,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     }
 #endif
 #ifdef SUBGROUP
-    let subgroups = WG / sg_size;
     for (var v = 0u; v < OUTPUTS; v++) {
         let sum = subgroupAdd(acc[v]);
         if (sg_lane == 0u) {
-            partial[v * subgroups + lid / sg_size] = sum;
+            partial[v * MAX_SUBGROUPS + sg_id] = sum;
         }
     }
     workgroupBarrier();
     for (var v = lid; v < OUTPUTS; v += WG) {
         var sum = 0.0;
-        for (var i = 0u; i < subgroups; i++) {
-            sum += partial[v * subgroups + i];
+        for (var i = 0u; i < sg_count; i++) {
+            sum += partial[v * MAX_SUBGROUPS + i];
         }
         write_output(tile, split, v, sum);
     }

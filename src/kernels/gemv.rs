@@ -296,9 +296,12 @@ impl GpuQuantWeight {
         let fused_params = fused.uniform(ctx)?;
         let mut launches = Vec::new();
         for slice in &self.slices {
-            let layout = slice
-                .grouped
-                .expect("every slice of a grouped weight has its layout");
+            // grouped_variants served this weight only if every slice has the layout.
+            let Some(layout) = slice.grouped else {
+                return Err(Error::Gpu(
+                    "a row slice of a grouped-GEMV weight lacks its layout".into(),
+                ));
+            };
             launches.extend(self.grouped_launches(
                 ctx,
                 slice,
