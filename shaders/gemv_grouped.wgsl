@@ -79,6 +79,51 @@ fn codes(word: u32, s: u32) -> vec4<f32> {
     return vec4<f32>((vec4<u32>(word) >> (BYTE_SHIFTS - FIELD_BITS * s)) & vec4<u32>(MASK));
 }
 
+// Weights one unit covers: 16 inputs of each of the ROWS outputs (what tests/gemv_ops.rs divides
+// a unit's ALU operations by).
+const UNIT_WEIGHTS: u32 = 16u * ROWS;
+
+// Adds inputs k..k+15 of every owned row (one 16-byte word per packed row) into
+// acc[t * MAX_M + r], and x's sum over them into x_sum (FACTORED). `scale_of` and `zero_of` hold
+// the group's metadata per accumulator row.
+fn gemv_unit(acc: ptr<function, array<f32, OUTPUTS>>, x_sum: ptr<function, array<f32, MAX_M>>,
+             tile: u32, k: u32, scale_of: array<f32, ROWS>, zero_of: array<f32, ROWS>) {
+    var words: array<vec4<u32>, PACKED_ROWS>;
+    for (var j = 0u; j < PACKED_ROWS; j++) {
+        let pr = tile * PACKED_ROWS + j;
+        if (pr < slab_rows()) {
+            words[j] = packed[(pr * p.k + k) >> 4u];
+        }
+    }
+    for (var c = 0u; c < 4u; c++) {
+        var xv: array<vec4<f32>, MAX_M>;
+        for (var r = 0u; r < MAX_M; r++) {
+            if (r < p.m) {
+                xv[r] = x_vec(r, k + 4u * c);
+                (*x_sum)[r] += dot(xv[r], vec4<f32>(1.0));
+            }
+        }
+        for (var s = 0u; s < SLABS; s++) {
+            for (var j = 0u; j < PACKED_ROWS; j++) {
+                let t = s * PACKED_ROWS + j;
+                var w = codes(words[j][c], s);
+                if (FACTORED == 0u) {
+                    for (var e = 0u; e < 4u; e++) {
+                        w[e] = to_compute(to_compute(w[e] - zero_of[t]) * scale_of[t]);
+                    }
+                }
+                for (var r = 0u; r < MAX_M; r++) {
+                    if (FACTORED == 1u) {
+                        (*acc)[t * MAX_M + r] += scale_of[t] * dot(w, xv[r]);
+                    } else {
+                        (*acc)[t * MAX_M + r] += dot(w, xv[r]);
+                    }
+                }
+            }
+        }
+    }
+}
+
 // Adds group g (inputs g * group_size ..) of every owned row into acc[t * MAX_M + r].
 fn add_group(acc: ptr<function, array<f32, OUTPUTS>>, tile: u32, g: u32) {
     let groups_per_row = p.k / group_size();
@@ -95,41 +140,7 @@ fn add_group(acc: ptr<function, array<f32, OUTPUTS>>, tile: u32, g: u32) {
     var x_sum: array<f32, MAX_M>;
     let k0 = g * group_size();
     for (var i = 0u; i < group_size(); i += 16u) {
-        var words: array<vec4<u32>, PACKED_ROWS>;
-        for (var j = 0u; j < PACKED_ROWS; j++) {
-            let pr = tile * PACKED_ROWS + j;
-            if (pr < slab_rows()) {
-                words[j] = packed[(pr * p.k + k0 + i) >> 4u];
-            }
-        }
-        for (var c = 0u; c < 4u; c++) {
-            let k = k0 + i + 4u * c;
-            var xv: array<vec4<f32>, MAX_M>;
-            for (var r = 0u; r < MAX_M; r++) {
-                if (r < p.m) {
-                    xv[r] = x_vec(r, k);
-                    x_sum[r] += dot(xv[r], vec4<f32>(1.0));
-                }
-            }
-            for (var s = 0u; s < SLABS; s++) {
-                for (var j = 0u; j < PACKED_ROWS; j++) {
-                    let t = s * PACKED_ROWS + j;
-                    var w = codes(words[j][c], s);
-                    if (FACTORED == 0u) {
-                        for (var e = 0u; e < 4u; e++) {
-                            w[e] = to_compute(to_compute(w[e] - zero_of[t]) * scale_of[t]);
-                        }
-                    }
-                    for (var r = 0u; r < MAX_M; r++) {
-                        if (FACTORED == 1u) {
-                            (*acc)[t * MAX_M + r] += scale_of[t] * dot(w, xv[r]);
-                        } else {
-                            (*acc)[t * MAX_M + r] += dot(w, xv[r]);
-                        }
-                    }
-                }
-            }
-        }
+        gemv_unit(acc, &x_sum, tile, k0 + i, scale_of, zero_of);
     }
     if (FACTORED == 1u) {
         for (var t = 0u; t < ROWS; t++) {
