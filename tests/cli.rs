@@ -370,7 +370,7 @@ fn an_interrupted_merge_leaves_no_output() {
 
 #[test]
 fn inspect_lists_every_module_and_what_each_adapter_config_says() {
-    let case = golden_model_dir().join("llama_hqq3_g64_sharded/checkpoint");
+    let case = golden_model_dir().join("llama_hqq3_g64_sharded");
     let (code, text) = quantadapt(&[
         "inspect",
         case.join("checkpoint").to_str().unwrap(),
