@@ -23,11 +23,6 @@ fn row_words() -> u32 {
     return (p.k + 1u) / 2u;
 }
 
-fn weight_at(n: u32, k: u32) -> f32 {
-    let pair = unpack2x16float(weight[n * row_words() + k / 2u]);
-    return select(pair.x, pair.y, (k & 1u) == 1u);
-}
-
 fn finish(row: u32, col: u32, acc: f32) {
     var v = acc;
     if (p.has_bias == 1u) {
@@ -79,8 +74,21 @@ fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 }
 
 // Many rows: tiled (common/gemm_tiles.wgsl).
-fn gemm_weight(n: u32, k: u32) -> f32 {
-    return weight_at(n, k);
+// Two words hold a run of four inputs (k0 is a multiple of four); the pad half of a row's
+// last word and anything past K read as zero.
+fn gemm_weight_run(n: u32, k0: u32) -> array<f32, GEMM_RUN> {
+    var w: array<f32, GEMM_RUN>;
+    for (var t = 0u; t < GEMM_RUN; t += 2u) {
+        let k = k0 + t;
+        if (k < p.k) {
+            let pair = unpack2x16float(weight[n * row_words() + k / 2u]);
+            w[t] = pair.x;
+            if (k + 1u < p.k) {
+                w[t + 1u] = pair.y;
+            }
+        }
+    }
+    return w;
 }
 
 fn gemm_store(row: u32, col: u32, acc: f32) {

@@ -603,8 +603,14 @@ fn tune_writes_a_cache_that_the_next_command_loads() {
         "1",
     ]);
     assert_eq!(code, 0, "{text}");
-    assert!(text.contains("model.layers.0.mlp.down_proj 256x688 M=1"), "{text}");
-    assert!(text.contains("model.layers.0.mlp.gate_proj 688x256 M=1"), "{text}");
+    assert!(
+        text.contains("model.layers.0.mlp.down_proj 256x688 M=1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("model.layers.0.mlp.gate_proj 688x256 M=1"),
+        "{text}"
+    );
     let kernels = text.lines().filter(|l| l.contains(" M=1 f32: ")).count();
     assert!(kernels >= 2, "{text}");
     assert_eq!(
