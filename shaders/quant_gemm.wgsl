@@ -1,7 +1,7 @@
 // y = x · Wᵀ + bias for many rows, tiled (common/gemm_tiles.wgsl) with the weight dequantized as
 // it is staged, f32 accumulation. With GEMM_WORDS the format decodes a run of inputs from one
-// packed word (`gemm_decode_run` in its shader); otherwise each element is decoded on its own. With LORA_EPILOGUE one adapter's term joins the single write
-// of y (common/fused_ops.wgsl).
+// packed word (`gemm_decode_run` in its shader); otherwise each element is decoded on its own.
+// With LORA_EPILOGUE one adapter's term joins the single write of y (common/fused_ops.wgsl).
 #include "common/quant_format.wgsl"
 
 @group(0) @binding(6) var<storage, read> x: array<Act>;
