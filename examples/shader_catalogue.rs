@@ -33,7 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut by_source: BTreeMap<String, Vec<ShaderKey>> = BTreeMap::new();
     for key in keys.iter() {
         by_source
-            .entry(key.source()?)
+            .entry(key.webgpu_source()?)
             .or_default()
             .push(key.clone());
     }
@@ -52,8 +52,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 fn describe(source: &str, keys: &[ShaderKey]) -> Result<Value, String> {
     let first = &keys[0];
-    let module = naga::front::wgsl::parse_str(source)
-        .map_err(|e| format!("{first:?}: {}", e.emit_to_string(source)))?;
+    // naga refuses the `enable subgroups;` of the WebGPU form, so it reads its own.
+    let naga_source = first.source().map_err(|e| format!("{first:?}: {e}"))?;
+    let module = naga::front::wgsl::parse_str(&naga_source)
+        .map_err(|e| format!("{first:?}: {}", e.emit_to_string(&naga_source)))?;
     let info = naga::valid::Validator::new(
         naga::valid::ValidationFlags::all(),
         naga::valid::Capabilities::all(),

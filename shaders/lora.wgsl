@@ -1,8 +1,9 @@
 // LoRA / DoRA on the output of a base layer, in two entry points:
-//   shrink: h[m, r] = sum_k x[m, k] * A[r, k]                     (one invocation per h element)
+//   shrink: h[m, r] = sum_k x[m, k] * A[r, k]                     (one workgroup per h element)
 //   expand: y[m, n] = y + (g - 1) * (y - bias) + g * s * sum_r h[m, r] * B[n, r]
 // with g = 1 for LoRA and g = magnitude / ||W + s B A||_row for DoRA (precomputed per n).
 #include "common/elementwise.wgsl"
+#include "common/workgroup_sum.wgsl"
 
 struct LoraParams {
     m: u32,
@@ -16,27 +17,41 @@ struct LoraParams {
 }
 
 @group(0) @binding(0) var<uniform> p: LoraParams;
-@group(0) @binding(1) var<storage, read> a: array<f32>;
+// A's rows padded with zeros to a whole number of vec4.
+@group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> b: array<f32>;
+#ifdef X_VEC4
+@group(0) @binding(3) var<storage, read> x: array<vec4<Act>>;
+#else
 @group(0) @binding(3) var<storage, read> x: array<Act>;
+#endif
 @group(0) @binding(4) var<storage, read_write> h: array<f32>;
 @group(0) @binding(5) var<storage, read> dora_scale: array<f32>;
 @group(0) @binding(6) var<storage, read> bias: array<f32>;
 @group(0) @binding(7) var<storage, read_write> y: array<Act>;
 
-@compute @workgroup_size(256)
-fn shrink(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let idx = element_index(gid, nwg);
+#include "common/x_quads.wgsl"
+
+// The WG invocations of a workgroup walk K four inputs at a time, neighbours on neighbouring
+// vectors, then add their sums (common/workgroup_sum.wgsl).
+@compute @workgroup_size(WG)
+fn shrink(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          lanes: Lanes) {
+    let idx = wid.x + wid.y * nwg.x;
     if (idx >= p.m * p.r) {
         return;
     }
     let row = idx / p.r;
     let rank = idx % p.r;
+    let quads = (p.k + 3u) / 4u;
     var acc = 0.0;
-    for (var k = 0u; k < p.k; k++) {
-        acc += f32(x[row * p.k + k]) * a[rank * p.k + k];
+    for (var q = lanes.index; q < quads; q += WG) {
+        acc += dot(x_quad(row, q), a[rank * quads + q]);
     }
-    h[idx] = acc;
+    let total = workgroup_sum(acc, lanes);
+    if (lanes.index == 0u) {
+        h[idx] = total;
+    }
 }
 
 @compute @workgroup_size(256)

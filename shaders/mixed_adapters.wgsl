@@ -4,6 +4,7 @@
 // slot is NONE, or of the other kind, passes through unchanged.
 #include "common/elementwise.wgsl"
 #include "common/mixed_slots.wgsl"
+#include "common/workgroup_sum.wgsl"
 
 struct MixedParams {
     m: u32,
@@ -65,10 +66,13 @@ fn rotate(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     y[idx] = Act(acc);
 }
 
-// h[row, j] = x[row] · A[j] of the row's LoRA slot (zero past its rank or without one).
-@compute @workgroup_size(256)
-fn shrink(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let idx = element_index(gid, nwg);
+// h[row, j] = x[row] · A[j] of the row's LoRA slot (zero past its rank or without one): one
+// workgroup per element, its WG invocations strided over K, then added together
+// (common/workgroup_sum.wgsl).
+@compute @workgroup_size(WG)
+fn shrink(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          lanes: Lanes) {
+    let idx = wid.x + wid.y * nwg.x;
     if (idx >= p.m * p.max_rank) {
         return;
     }
@@ -78,11 +82,14 @@ fn shrink(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     var acc = 0.0;
     if (s.x != NONE && s.y == KIND_LORA && j < slot_word(s.x, 3u)) {
         let a = slot_word(s.x, 1u) + j * p.k;
-        for (var k = 0u; k < p.k; k++) {
+        for (var k = lanes.index; k < p.k; k += WG) {
             acc += f32(x[row * p.k + k]) * weights[a + k];
         }
     }
-    h[idx] = acc;
+    let total = workgroup_sum(acc, lanes);
+    if (lanes.index == 0u) {
+        h[idx] = total;
+    }
 }
 
 // y[row, n] += s · h[row] · B[n] (with DoRA's rescale) for rows with a LoRA slot.

@@ -76,32 +76,47 @@ fn fma_peak_matches_the_cpu() {
 
 #[test]
 fn dense_f16_matches_the_cpu_on_both_paths() {
-    let ctx = gpu();
-    // An odd K pads each row to a whole word.
-    let (out, inp) = (37, 71);
-    let weight = random_matrix(out, inp, 0.5);
-    let bias = random_matrix(1, out, 0.1).data;
-    let dense = GpuDenseWeight::upload(ctx, &weight, Some(&bias)).unwrap();
-    assert_eq!(dense.resident_bytes(), out * 72 * 2 + out * 4);
-    for m in [1, 3, 8, 9, 16, 20, 65] {
-        let x = random_matrix(m, inp, 1.0);
-        for act in common::act_dtypes(ctx) {
-            let mut xin = x.clone();
-            if act == ActDtype::F16 {
-                xin.round_to_f16();
-            }
-            let expected = dense_f16_cpu(&xin, &weight, Some(&bias)).unwrap();
-            let tol = if act == ActDtype::F32 { 1e-5 } else { 5e-3 };
-            let paths: &[MatmulPath] = if m <= GEMV_MAX_ROWS {
-                &[MatmulPath::Gemv, MatmulPath::Tiled]
+    // An odd K and one 4 past a whole chunk of 8 pad each row; K = 4096 loops over K many times.
+    for ctx in common::reduction_contexts() {
+        for (out, inp) in [(37, 71), (19, 1028), (70, 4096)] {
+            let weight = random_matrix(out, inp, 0.5);
+            let bias = random_matrix(1, out, 0.1).data;
+            let dense = GpuDenseWeight::upload(ctx, &weight, Some(&bias)).unwrap();
+            assert_eq!(
+                dense.resident_bytes(),
+                out * inp.next_multiple_of(8) * 2 + out * 4
+            );
+            // The tiled GEMM's 4 x 4 register blocks (M >= 64) at the small shapes only.
+            let rows: &[usize] = if inp < 4096 {
+                &[1, 3, 8, 9, 16, 20, 65]
             } else {
-                &[MatmulPath::Tiled]
+                &[1, 3, 8, 16, 20]
             };
-            for &path in paths {
-                let xt = GpuTensor::upload(ctx, &xin, act).unwrap();
-                let y = dense.forward_with(ctx, &xt, path).unwrap();
-                let err = max_rel_error(&y.download(ctx).unwrap().data, &expected.data);
-                assert!(err < tol, "m={m} {act:?} {path:?}: error {err}");
+            for &m in rows {
+                let x = random_matrix(m, inp, 1.0);
+                for act in common::act_dtypes(ctx) {
+                    let mut xin = x.clone();
+                    if act == ActDtype::F16 {
+                        xin.round_to_f16();
+                    }
+                    let expected = dense_f16_cpu(&xin, &weight, Some(&bias)).unwrap();
+                    let tol = if act == ActDtype::F32 { 1e-5 } else { 5e-3 };
+                    let paths: &[MatmulPath] = if m <= GEMV_MAX_ROWS {
+                        &[MatmulPath::Gemv, MatmulPath::Tiled]
+                    } else {
+                        &[MatmulPath::Tiled]
+                    };
+                    for &path in paths {
+                        let xt = GpuTensor::upload(ctx, &xin, act).unwrap();
+                        let y = dense.forward_with(ctx, &xt, path).unwrap();
+                        let err = max_rel_error(&y.download(ctx).unwrap().data, &expected.data);
+                        assert!(
+                            err < tol,
+                            "{}: {out}x{inp} m={m} {act:?} {path:?}: error {err}",
+                            ctx.describe()
+                        );
+                    }
+                }
             }
         }
     }
@@ -206,8 +221,16 @@ fn tiny_suite_measures_every_item_with_ratios_from_the_same_run() {
                 100.0 * e.flops / e.us / 1e3 / report.fma_gflop_per_s
             );
             assert!(e.resident_bytes > 0 && e.resident_bytes < dense.resident_bytes);
+            let weights = (shape.0 * shape.1) as f64;
+            assert_relative_eq!(
+                e.bytes_per_weight.unwrap(),
+                e.resident_bytes as f64 / weights
+            );
         }
+        // f16, rows padded to whole 16-byte chunks, and the bias.
+        assert!(dense.bytes_per_weight.unwrap() >= 2.0);
     }
+    assert_eq!(stream.bytes_per_weight, None);
     for &m in &plan.layer_rows {
         let bare = find(&report, BARE_LAYER, shape, m);
         assert_eq!(bare.ratio_to_baseline, None);

@@ -61,6 +61,10 @@ pub struct Entry {
     pub flops: f64,
     /// Bytes the item keeps resident on the GPU (weights, metadata, bias, adapters).
     pub resident_bytes: usize,
+    /// [`Self::resident_bytes`] per weight of the `out x in` matrix: what a run reads per
+    /// weight (0.5 plus metadata for 4-bit, 2 for dense f16); `None` for items without a
+    /// shape or resident bytes.
+    pub bytes_per_weight: Option<f64>,
     /// Achieved bandwidth, [`Self::bytes`] over [`Self::us`], in GB/s (10^9 bytes); `None` where
     /// `bytes` is 0.
     pub gb_per_s: Option<f64>,
@@ -125,6 +129,9 @@ impl Item {
 
     fn entry(self, timing: Timing, us: f64, (copies, runs_per_trial): (usize, usize)) -> Entry {
         let rate = |amount: f64| (amount > 0.0).then(|| amount / us / 1e3);
+        let weights = self.shape.0 * self.shape.1;
+        let bytes_per_weight = (weights > 0 && self.resident_bytes > 0)
+            .then(|| self.resident_bytes as f64 / weights as f64);
         Entry {
             group: self.group,
             name: self.name,
@@ -139,6 +146,7 @@ impl Item {
             bytes: self.bytes,
             flops: self.flops,
             resident_bytes: self.resident_bytes,
+            bytes_per_weight,
             gb_per_s: rate(self.bytes),
             gflop_per_s: rate(self.flops),
             pct_read_roofline: None,

@@ -128,6 +128,7 @@ impl Report {
             "x dense f16",
             "/ baseline",
             "resident MB",
+            "B/weight",
             "copies",
         ];
         let rows: Vec<Vec<String>> = self
@@ -147,6 +148,7 @@ impl Report {
                     opt(e.speedup_vs_dense_f16, 2),
                     opt(e.ratio_to_baseline, 2),
                     megabytes(e.resident_bytes),
+                    opt(e.bytes_per_weight, 3),
                     e.copies.to_string(),
                 ]
             })
@@ -218,6 +220,7 @@ impl Report {
             "x dense f16",
             "/ baseline",
             "resident MB",
+            "B/weight",
         ]);
         let rows: Vec<Vec<String>> = self
             .entries
@@ -238,6 +241,7 @@ impl Report {
                     opt(e.speedup_vs_dense_f16, 2),
                     opt(e.ratio_to_baseline, 2),
                     megabytes(e.resident_bytes),
+                    opt(e.bytes_per_weight, 3),
                 ]);
                 row
             })

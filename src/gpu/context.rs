@@ -372,7 +372,11 @@ impl GpuContext {
                 )));
             }
         }
-        let source = key.source()?;
+        let source = if self.info.backend == wgpu::Backend::BrowserWebGpu {
+            key.webgpu_source()?
+        } else {
+            key.source()?
+        };
         self.shared
             .pipelines_created
             .fetch_add(1, Ordering::Relaxed);

@@ -40,6 +40,14 @@ const FILES: &[(&str, &str)] = &[
         include_str!("../../shaders/common/rounding.wgsl"),
     ),
     (
+        "common/workgroup_sum.wgsl",
+        include_str!("../../shaders/common/workgroup_sum.wgsl"),
+    ),
+    (
+        "common/x_quads.wgsl",
+        include_str!("../../shaders/common/x_quads.wgsl"),
+    ),
+    (
         "dense_matmul.wgsl",
         include_str!("../../shaders/dense_matmul.wgsl"),
     ),
@@ -164,6 +172,18 @@ impl ShaderKey {
         let main = format!("{}.wgsl", self.family);
         preprocess(&main, &self.flags, &mut out, 0)?;
         Ok(out)
+    }
+
+    /// [`Self::source`] as WebGPU's own compilers want it (Tint, in browsers and Dawn): Tint
+    /// requires `enable subgroups;` before any subgroup builtin, while naga 30 refuses the
+    /// directive as not yet implemented, so only this form carries it.
+    pub fn webgpu_source(&self) -> Result<String> {
+        let source = self.source()?;
+        Ok(if self.needs_subgroups() {
+            format!("enable subgroups;\n{source}")
+        } else {
+            source
+        })
     }
 }
 

@@ -12,7 +12,19 @@ use crate::kernels::{
 };
 use crate::tensor::Matrix;
 
-const GEMV_WORKGROUP: u32 = 64;
+/// Invocations of the GEMV per output feature without subgroups (a power of two), and the
+/// features per workgroup then.
+const GEMV_ROW_LANES: u32 = 16;
+const GEMV_ROWS: u32 = 8;
+
+/// Subgroup sizes the GEMV has a subgroup specialization for (one subgroup per feature).
+const GEMV_SUBGROUP_SIZES: [u32; 6] = [4, 8, 16, 32, 64, 128];
+
+/// Invocations per GEMV workgroup with subgroups (at least one subgroup).
+const GEMV_SUBGROUP_WORKGROUP: u32 = 128;
+
+/// f16 values per 16-byte chunk of a weight row.
+const CHUNK: usize = 8;
 
 /// Mirrors `DenseParams` in the shader.
 #[repr(C)]
@@ -24,36 +36,96 @@ struct DenseParams {
     has_bias: u32,
 }
 
+/// How the GEMV adds across the invocations of a feature.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reduction {
+    /// One subgroup of this size per feature, `subgroupAdd`.
+    Subgroup(u32),
+    /// [`GEMV_ROW_LANES`] invocations per feature, a tree in workgroup memory.
+    Workgroup,
+}
+
+impl Reduction {
+    /// Subgroups where the device has them at one size the GEMV is specialized for.
+    fn for_device(ctx: &GpuContext) -> Self {
+        let (min, max) = (ctx.info.subgroup_min_size, ctx.info.subgroup_max_size);
+        if ctx.has_subgroups() && min == max && GEMV_SUBGROUP_SIZES.contains(&min) {
+            Self::Subgroup(min)
+        } else {
+            Self::Workgroup
+        }
+    }
+
+    /// Invocations per feature and features per workgroup.
+    fn lanes_and_rows(self) -> (u32, u32) {
+        match self {
+            Self::Subgroup(size) => (size, (GEMV_SUBGROUP_WORKGROUP / size).max(1)),
+            Self::Workgroup => (GEMV_ROW_LANES, GEMV_ROWS),
+        }
+    }
+}
+
 /// The kernel for `rows` rows of x on `path`; the GEMV is specialized for its row count as the
-/// quantized one is.
-fn key(path: MatmulPath, act: ActDtype, rows: usize) -> ShaderKey {
+/// quantized one is, for its reduction, and for x read as `vec4`s when `x_vec4` (K a multiple of
+/// 4).
+fn key(
+    path: MatmulPath,
+    act: ActDtype,
+    rows: usize,
+    reduction: Reduction,
+    x_vec4: bool,
+) -> ShaderKey {
     // Both entry points share one module, so each key sets every constant.
     let (entry, max_m, block) = match path {
         MatmulPath::Gemv => ("gemv", gemv_max_m(rows), 1),
         MatmulPath::Tiled => ("gemm", GEMV_MAX_ROWS as u32, gemm_block(rows)),
     };
+    let (row_lanes, features) = reduction.lanes_and_rows();
+    let gemv = path == MatmulPath::Gemv;
     ShaderKey::new("dense_matmul", entry, act)
-        .constant("WG", GEMV_WORKGROUP)
+        .constant("ROW_LANES", row_lanes)
+        .constant("ROWS", features)
         .constant("MAX_M", max_m)
         .constant("TILE", GEMM_TILE)
         .constant("BLOCK", block)
+        .flag(
+            "SUBGROUP",
+            gemv && matches!(reduction, Reduction::Subgroup(_)),
+        )
+        .flag("X_VEC4", gemv && x_vec4)
 }
 
 /// Every specialization of the dense f16 yardstick matmul (GEMV and tiled, f32 and f16
 /// activations), for [`catalogue`](super::catalogue).
 pub fn shader_keys() -> Vec<ShaderKey> {
+    let reductions: Vec<Reduction> = GEMV_SUBGROUP_SIZES
+        .into_iter()
+        .map(Reduction::Subgroup)
+        .chain([Reduction::Workgroup])
+        .collect();
     let mut keys = Vec::new();
     for act in [ActDtype::F32, ActDtype::F16] {
         for rows in GEMV_ROW_SPECIALIZATIONS {
-            keys.push(key(MatmulPath::Gemv, act, rows));
+            for &reduction in &reductions {
+                for x_vec4 in [false, true] {
+                    keys.push(key(MatmulPath::Gemv, act, rows, reduction, x_vec4));
+                }
+            }
         }
-        keys.push(key(MatmulPath::Tiled, act, GEMV_MAX_ROWS + 1));
-        keys.push(key(MatmulPath::Tiled, act, GEMM_BLOCKED_ROWS));
+        for rows in [GEMV_MAX_ROWS + 1, GEMM_BLOCKED_ROWS] {
+            keys.push(key(
+                MatmulPath::Tiled,
+                act,
+                rows,
+                Reduction::Workgroup,
+                false,
+            ));
+        }
     }
     keys
 }
 
-/// A dense weight resident on the GPU as f16, two values per word, rows padded to whole words.
+/// A dense weight resident on the GPU as f16, rows padded with zeros to whole 16-byte chunks.
 #[derive(Debug)]
 pub struct GpuDenseWeight {
     /// Rows of the weight and columns of y.
@@ -85,7 +157,7 @@ impl GpuDenseWeight {
                 return Err(Error::shape("dense bias", format!("[{out}]"), &[b.len()]));
             }
         }
-        let row_halves = inp.next_multiple_of(2);
+        let row_halves = inp.next_multiple_of(CHUNK);
         let mut halves = vec![half::f16::ZERO; out * row_halves];
         for (n, row) in halves.chunks_exact_mut(row_halves).enumerate() {
             for (h, v) in row.iter_mut().zip(weight.row(n)) {
@@ -121,11 +193,16 @@ impl GpuDenseWeight {
     ) -> Result<Dispatch> {
         check_io(x, y, self.in_features, self.out_features)?;
         check_path_rows(path, x.rows)?;
+        let reduction = Reduction::for_device(ctx);
         let groups = match path {
-            MatmulPath::Gemv => grid(self.out_features as u32),
+            MatmulPath::Gemv => {
+                let (_, features) = reduction.lanes_and_rows();
+                grid((self.out_features as u32).div_ceil(features))
+            }
             MatmulPath::Tiled => gemm_grid(self.out_features, x.rows)?,
         };
-        let pipeline = ctx.pipeline(&key(path, x.dtype, x.rows))?;
+        let x_vec4 = self.in_features.is_multiple_of(4);
+        let pipeline = ctx.pipeline(&key(path, x.dtype, x.rows, reduction, x_vec4))?;
         let params = uniform(
             ctx,
             "dense params",

@@ -6,10 +6,14 @@ use crate::gpu::buffers::{scratch_f32, storage_from_f32, uniform};
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
 use crate::kernels::fused::LoraEpilogue;
-use crate::kernels::{Dispatch, bind_resources, check_io};
+use crate::kernels::{Dispatch, bind_resources, check_io, grid};
 use crate::tensor::Matrix;
 
+/// Invocations per workgroup of the expand (one per output element).
 const WORKGROUP: u32 = 256;
+
+/// Invocations per workgroup of the shrink, which sum one element of `h` over K together.
+const SHRINK_WORKGROUP: u32 = 64;
 
 /// Mirrors `LoraParams` in the shader.
 #[repr(C)]
@@ -25,8 +29,42 @@ struct LoraParams {
     pad: u32,
 }
 
-fn key(entry: &'static str, act: ActDtype) -> ShaderKey {
-    ShaderKey::new("lora", entry, act)
+/// How a shrink specialization reads x and adds across its workgroup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ShrinkVariant {
+    /// x bound as `vec4`s: K is a multiple of 4.
+    x_vec4: bool,
+    /// The workgroup adds with subgroup operations (workgroup memory otherwise).
+    subgroups: bool,
+}
+
+impl ShrinkVariant {
+    fn for_input(ctx: &GpuContext, in_features: usize) -> Self {
+        Self {
+            x_vec4: in_features.is_multiple_of(4),
+            subgroups: ctx.has_subgroups(),
+        }
+    }
+
+    fn all() -> impl Iterator<Item = Self> {
+        [false, true].into_iter().flat_map(|x_vec4| {
+            [false, true]
+                .into_iter()
+                .map(move |subgroups| Self { x_vec4, subgroups })
+        })
+    }
+}
+
+fn expand_key(act: ActDtype) -> ShaderKey {
+    // The module declares the shrink's workgroup memory, sized by WG, for both entry points.
+    ShaderKey::new("lora", "expand", act).constant("WG", SHRINK_WORKGROUP)
+}
+
+fn shrink_key(act: ActDtype, variant: ShrinkVariant) -> ShaderKey {
+    ShaderKey::new("lora", "shrink", act)
+        .constant("WG", SHRINK_WORKGROUP)
+        .flag("X_VEC4", variant.x_vec4)
+        .flag("SUBGROUP", variant.subgroups)
 }
 
 /// Every specialization of the LoRA shrink and expand kernels, for f32 and f16 activations, for
@@ -34,10 +72,21 @@ fn key(entry: &'static str, act: ActDtype) -> ShaderKey {
 pub fn shader_keys() -> Vec<ShaderKey> {
     let mut keys = Vec::new();
     for act in [ActDtype::F32, ActDtype::F16] {
-        keys.push(key("shrink", act));
-        keys.push(key("expand", act));
+        keys.extend(ShrinkVariant::all().map(|variant| shrink_key(act, variant)));
+        keys.push(expand_key(act));
     }
     keys
+}
+
+/// `a` (`[r, in]`) with each row padded with zeros to a multiple of 4 columns, as the shrink
+/// reads it in `vec4`s.
+fn padded_rows_of_4(a: &Matrix) -> Vec<f32> {
+    let width = a.cols.next_multiple_of(4);
+    let mut padded = vec![0.0; a.rows * width];
+    for (r, row) in padded.chunks_exact_mut(width).enumerate() {
+        row[..a.cols].copy_from_slice(a.row(r));
+    }
+    padded
 }
 
 /// A LoRA (or DoRA) adapter resident on the GPU.
@@ -87,7 +136,7 @@ impl GpuLora {
             out_features: b.rows,
             rank: a.rows,
             scaling,
-            a: storage_from_f32(ctx, "lora A", &a.data)?,
+            a: storage_from_f32(ctx, "lora A", &padded_rows_of_4(a))?,
             b: storage_from_f32(ctx, "lora B", &b.data)?,
             dora_scale: dora_scale
                 .map(|g| storage_from_f32(ctx, "dora scale", g))
@@ -124,7 +173,8 @@ impl GpuLora {
         let m = x.rows;
         let h = scratch_f32(ctx, "lora h", m * self.rank)?;
         let params = uniform(ctx, "lora params", &self.params(m, false))?;
-        let shrink = ctx.pipeline(&key("shrink", x.dtype))?;
+        let variant = ShrinkVariant::for_input(ctx, self.in_features);
+        let shrink = ctx.pipeline(&shrink_key(x.dtype, variant))?;
         let bind = bind_resources(
             ctx,
             &shrink,
@@ -135,7 +185,7 @@ impl GpuLora {
                 (4, h.as_entire_binding()),
             ],
         )?;
-        let dispatch = Dispatch::elementwise(shrink, bind, m * self.rank, WORKGROUP);
+        let dispatch = Dispatch::new(shrink, bind, grid((m * self.rank) as u32));
         Ok((dispatch, h))
     }
 
@@ -164,7 +214,7 @@ impl GpuLora {
         check_io(x, y, self.in_features, self.out_features)?;
         let (shrink, h) = self.prepare_shrink(ctx, x)?;
         let params = uniform(ctx, "lora params", &self.params(x.rows, bias.is_some()))?;
-        let expand = ctx.pipeline(&key("expand", x.dtype))?;
+        let expand = ctx.pipeline(&expand_key(x.dtype))?;
         let unused = &self.b;
         let expand_bind = bind_resources(
             ctx,

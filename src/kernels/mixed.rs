@@ -7,10 +7,13 @@ use crate::gpu::buffers::{scratch_f32, storage_from_bytes, storage_from_f32, uni
 use crate::gpu::shaders::ShaderKey;
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
 use crate::kernels::fused::LoraEpilogue;
-use crate::kernels::{Dispatch, bind_resources, check_io};
+use crate::kernels::{Dispatch, bind_resources, check_io, grid};
 use crate::tensor::Matrix;
 
+/// Invocations per workgroup of the elementwise kernels (rotate, expand).
 const WORKGROUP: u32 = 256;
+/// Invocations per workgroup of the shrink, which sum one element of `h` over K together.
+const SHRINK_WORKGROUP: u32 = 64;
 const TABLE_STRIDE: usize = 8;
 const KIND_OFT: u32 = 1;
 const KIND_LORA: u32 = 2;
@@ -51,8 +54,13 @@ pub enum MixedSlot<'a> {
     },
 }
 
-fn key(entry: &'static str, act: ActDtype) -> ShaderKey {
+/// The kernel `entry`; the shrink adds across its workgroup with subgroup operations when
+/// `subgroups` (workgroup memory otherwise).
+fn key(entry: &'static str, act: ActDtype, subgroups: bool) -> ShaderKey {
+    // The module declares the shrink's workgroup memory, sized by WG, for every entry point.
     ShaderKey::new("mixed_adapters", entry, act)
+        .constant("WG", SHRINK_WORKGROUP)
+        .flag("SUBGROUP", entry == "shrink" && subgroups)
 }
 
 /// Every specialization of the mixed-batch kernels (rotate, shrink, expand), for f32 and f16
@@ -60,8 +68,11 @@ fn key(entry: &'static str, act: ActDtype) -> ShaderKey {
 pub fn shader_keys() -> Vec<ShaderKey> {
     let mut keys = Vec::new();
     for act in [ActDtype::F32, ActDtype::F16] {
-        for entry in ["rotate", "shrink", "expand"] {
-            keys.push(key(entry, act));
+        for entry in ["rotate", "expand"] {
+            keys.push(key(entry, act, false));
+        }
+        for subgroups in [false, true] {
+            keys.push(key("shrink", act, subgroups));
         }
     }
     keys
@@ -200,7 +211,7 @@ impl GpuMixedAdapters {
         rotated: &GpuTensor,
     ) -> Result<Dispatch> {
         check_io(x, rotated, self.in_features, self.in_features)?;
-        let pipeline = ctx.pipeline(&key("rotate", x.dtype))?;
+        let pipeline = ctx.pipeline(&key("rotate", x.dtype, false))?;
         let params = self.params(ctx, x.rows, false)?;
         let bind = bind_resources(
             ctx,
@@ -235,7 +246,7 @@ impl GpuMixedAdapters {
         let m = x.rows;
         let h = scratch_f32(ctx, "mixed h", m * self.max_rank)?;
         let params = self.params(ctx, m, false)?;
-        let shrink = ctx.pipeline(&key("shrink", x.dtype))?;
+        let shrink = ctx.pipeline(&key("shrink", x.dtype, ctx.has_subgroups()))?;
         let bind = bind_resources(
             ctx,
             &shrink,
@@ -248,7 +259,7 @@ impl GpuMixedAdapters {
                 (5, h.as_entire_binding()),
             ],
         )?;
-        let dispatch = Dispatch::elementwise(shrink, bind, m * self.max_rank, WORKGROUP);
+        let dispatch = Dispatch::new(shrink, bind, grid((m * self.max_rank) as u32));
         Ok((dispatch, h))
     }
 
@@ -282,7 +293,7 @@ impl GpuMixedAdapters {
         check_io(x, y, self.in_features, self.out_features)?;
         let (shrink, h) = self.prepare_shrink(ctx, row_slots, x)?;
         let params = self.params(ctx, x.rows, bias.is_some())?;
-        let expand = ctx.pipeline(&key("expand", x.dtype))?;
+        let expand = ctx.pipeline(&key("expand", x.dtype, false))?;
         let expand_bind = bind_resources(
             ctx,
             &expand,

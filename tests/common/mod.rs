@@ -41,6 +41,52 @@ pub fn act_dtypes(ctx: &GpuContext) -> Vec<ActDtype> {
     vec![ActDtype::F32]
 }
 
+/// The best adapter as a device without SUBGROUP (its other optional features kept), so that
+/// kernels take their workgroup-memory reductions; outputs NaN-poisoned as in [`gpu`].
+pub fn gpu_without_subgroups() -> &'static GpuContext {
+    static CTX: OnceLock<GpuContext> = OnceLock::new();
+    CTX.get_or_init(|| {
+        let ctx = pollster::block_on(async {
+            let instance = wgpu::Instance::new(
+                wgpu::InstanceDescriptor::new_without_display_handle_from_env(),
+            );
+            let adapter = instance
+                .request_adapter(&wgpu::RequestAdapterOptions::default())
+                .await
+                .expect("GPU tests need an adapter");
+            let features =
+                adapter.features() & (wgpu::Features::SHADER_F16 | wgpu::Features::TIMESTAMP_QUERY);
+            let (device, queue) = adapter
+                .request_device(&wgpu::DeviceDescriptor {
+                    required_features: features,
+                    required_limits: adapter.limits(),
+                    ..Default::default()
+                })
+                .await
+                .expect("a device without SUBGROUP");
+            GpuContext::from_device(device, queue, adapter.get_info())
+        });
+        assert!(!ctx.has_subgroups());
+        ctx.set_debug_poison(true);
+        ctx
+    })
+}
+
+/// The contexts a kernel with both reduction kinds runs on: [`gpu`] with subgroup operations
+/// and [`gpu_without_subgroups`]. Where the adapter has no subgroups, this says so on stderr and
+/// returns the second only, so the subgroup half is never counted as passed without running.
+pub fn reduction_contexts() -> Vec<&'static GpuContext> {
+    if gpu().has_subgroups() {
+        vec![gpu(), gpu_without_subgroups()]
+    } else {
+        eprintln!(
+            "{}: no SUBGROUP; workgroup-memory reductions tested only",
+            gpu().describe()
+        );
+        vec![gpu()]
+    }
+}
+
 pub fn golden_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/golden")
 }
