@@ -25,12 +25,6 @@ fn row_chunks() -> u32 {
     return (p.k + 7u) / 8u;
 }
 
-fn weight_at(n: u32, k: u32) -> f32 {
-    let chunk = weight[n * row_chunks() + k / 8u];
-    let pair = unpack2x16float(chunk[(k % 8u) / 2u]);
-    return select(pair.x, pair.y, (k & 1u) == 1u);
-}
-
 fn finish(row: u32, col: u32, acc: f32) {
     var v = acc;
     if (p.has_bias == 1u) {
@@ -116,8 +110,18 @@ fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 #ifndef X_VEC4
 #include "common/gemm_tiles.wgsl"
 
-fn gemm_weight(n: u32, k: u32) -> f32 {
-    return weight_at(n, k);
+// A run of four inputs (4 | k0) is half of a 16-byte chunk; the zero padding of a row's last
+// chunk supplies the inputs past K, and a run starting past K reads nothing.
+fn gemm_weight_run(n: u32, k0: u32) -> array<f32, GEMM_RUN> {
+    var w: array<f32, GEMM_RUN>;
+    if (k0 < p.k) {
+        let chunk = weight[n * row_chunks() + k0 / 8u];
+        let half = (k0 % 8u) / 2u;
+        let lo = unpack2x16float(chunk[half]);
+        let hi = unpack2x16float(chunk[half + 1u]);
+        w = array<f32, GEMM_RUN>(lo.x, lo.y, hi.x, hi.y);
+    }
+    return w;
 }
 
 fn gemm_store(row: u32, col: u32, acc: f32) {

@@ -1,6 +1,7 @@
 // y = x · Wᵀ + bias for many rows, tiled (common/gemm_tiles.wgsl) with the weight dequantized as
-// it is staged, f32 accumulation. With LORA_EPILOGUE one adapter's term joins the single write
-// of y (common/fused_ops.wgsl).
+// it is staged, f32 accumulation. With GEMM_WORDS the format decodes a run of inputs from one
+// packed word (`gemm_decode_run` in its shader); otherwise each element is decoded on its own.
+// With LORA_EPILOGUE one adapter's term joins the single write of y (common/fused_ops.wgsl).
 #include "common/quant_format.wgsl"
 
 @group(0) @binding(6) var<storage, read> x: array<Act>;
@@ -10,8 +11,18 @@
 #include "common/fused_ops.wgsl"
 #include "common/gemm_tiles.wgsl"
 
-fn gemm_weight(n: u32, k: u32) -> f32 {
-    return dequant_weight(n, k);
+fn gemm_weight_run(n: u32, k0: u32) -> array<f32, GEMM_RUN> {
+#ifdef GEMM_WORDS
+    return gemm_decode_run(n, k0);
+#else
+    var w: array<f32, GEMM_RUN>;
+    for (var t = 0u; t < GEMM_RUN; t++) {
+        if (k0 + t < p.k) {
+            w[t] = dequant_weight(n, k0 + t);
+        }
+    }
+    return w;
+#endif
 }
 
 fn gemm_store(row: u32, col: u32, acc: f32) {

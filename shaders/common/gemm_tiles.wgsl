@@ -2,49 +2,62 @@
 // A workgroup of TILE x TILE invocations computes an OUT_TILE x OUT_TILE block of y (rows of x by
 // output features), each invocation BLOCK x BLOCK of it in registers, at rows ty + TILE * i and
 // features tx + TILE * j (reads of workgroup memory and writes of y stay contiguous across tx).
-// x and the weight are staged TILE inputs at a time, so each staged value feeds BLOCK
+// x and the weight are staged SLICE_K inputs at a time, so each staged value feeds BLOCK
 // multiply-adds in every invocation that reads it; BLOCK is 1 for few rows (more workgroups),
 // 4 for many. Sums run over k in order, wherever an output sits in its tile.
-// The includer provides `x: array<Act>`, `p` with m, n, k, `fn gemm_weight(n, k) -> f32` and
-// `fn gemm_store(row, col, acc)`.
+// Staging works in runs of GEMM_RUN consecutive inputs of one row: the weight's decoder
+// reads a packed word once for all of a run (`gemm_weight_run`). Staged values sit at
+// [k][row or feature] and consecutive invocations take consecutive rows, so both the staging
+// writes and the tile reads of consecutive invocations hit consecutive banks.
+// The includer provides `x: array<Act>`, `p` with m, n, k,
+// `fn gemm_weight_run(n, k0) -> array<f32, GEMM_RUN>` (W[n, k0..k0 + GEMM_RUN], zero past K)
+// and `fn gemm_store(row, col, acc)`.
 const OUT_TILE: u32 = TILE * BLOCK;
-// Row stride of the staging arrays: one past OUT_TILE. Neighbouring invocations of the staging
-// loop write neighbouring kk of one row of x or W (so their global reads are contiguous); with a
-// stride of OUT_TILE (16 or 64) a subgroup's 32 writes fell on 2 to 4 of 32 banks (8- to 16-way
-// conflicts), with this one at most 2 share a bank.
-const STAGE_STRIDE: u32 = OUT_TILE + 1u;
+const GEMM_RUN: u32 = 4u;
+const SLICE_K: u32 = 16u;
+const SLICE_RUNS: u32 = SLICE_K / GEMM_RUN;
 
-// [kk][row] and [kk][feature] of the current K-slice.
-var<workgroup> xs: array<f32, TILE * STAGE_STRIDE>;
-var<workgroup> ws: array<f32, TILE * STAGE_STRIDE>;
+var<workgroup> xs: array<f32, SLICE_K * OUT_TILE>;
+var<workgroup> ws: array<f32, SLICE_K * OUT_TILE>;
+
+// x[row, k0..k0 + GEMM_RUN], zero past M or K.
+fn gemm_x_run(row: u32, k0: u32) -> array<f32, GEMM_RUN> {
+    var v: array<f32, GEMM_RUN>;
+    if (row < p.m) {
+        for (var t = 0u; t < GEMM_RUN; t++) {
+            if (k0 + t < p.k) {
+                v[t] = f32(x[row * p.k + k0 + t]);
+            }
+        }
+    }
+    return v;
+}
 
 fn gemm_tiles(wid: vec3<u32>, lid: vec3<u32>, li: u32) {
     let row0 = wid.y * OUT_TILE;
     let col0 = wid.x * OUT_TILE;
     var acc: array<f32, BLOCK * BLOCK>;
-    for (var k0 = 0u; k0 < p.k; k0 += TILE) {
-        for (var i = li; i < TILE * OUT_TILE; i += TILE * TILE) {
-            let kk = i % TILE;
-            let j = i / TILE;
-            let k = k0 + kk;
-            var xv = 0.0;
-            if (row0 + j < p.m && k < p.k) {
-                xv = f32(x[(row0 + j) * p.k + k]);
+    for (var k0 = 0u; k0 < p.k; k0 += SLICE_K) {
+        for (var i = li; i < SLICE_RUNS * OUT_TILE; i += TILE * TILE) {
+            let j = i % OUT_TILE;
+            let kr = (i / OUT_TILE) * GEMM_RUN;
+            let xv = gemm_x_run(row0 + j, k0 + kr);
+            var wv: array<f32, GEMM_RUN>;
+            if (col0 + j < p.n) {
+                wv = gemm_weight_run(col0 + j, k0 + kr);
             }
-            xs[kk * STAGE_STRIDE + j] = xv;
-            var wv = 0.0;
-            if (col0 + j < p.n && k < p.k) {
-                wv = gemm_weight(col0 + j, k);
+            for (var t = 0u; t < GEMM_RUN; t++) {
+                xs[(kr + t) * OUT_TILE + j] = xv[t];
+                ws[(kr + t) * OUT_TILE + j] = wv[t];
             }
-            ws[kk * STAGE_STRIDE + j] = wv;
         }
         workgroupBarrier();
-        for (var kk = 0u; kk < TILE; kk++) {
+        for (var kk = 0u; kk < SLICE_K; kk++) {
             var xr: array<f32, BLOCK>;
             var wr: array<f32, BLOCK>;
             for (var b = 0u; b < BLOCK; b++) {
-                xr[b] = xs[kk * STAGE_STRIDE + lid.y + TILE * b];
-                wr[b] = ws[kk * STAGE_STRIDE + lid.x + TILE * b];
+                xr[b] = xs[kk * OUT_TILE + lid.y + TILE * b];
+                wr[b] = ws[kk * OUT_TILE + lid.x + TILE * b];
             }
             for (var i = 0u; i < BLOCK; i++) {
                 for (var j = 0u; j < BLOCK; j++) {

@@ -182,3 +182,28 @@ fn gemv_unit(acc: ptr<function, array<f32, MAX_M * ROWS>>, tile: u32, k0: u32) {
     }
 }
 #endif
+
+#ifdef GEMM_WORDS
+// The tiled GEMM's decoder of a run of four inputs k0..k0+3 (4 | k0) of row n from one packed
+// word, under the conditions the host checked for WORD_UNITS: byte-packed fields, slabs of
+// whole rows, 16 | K, and a word's four elements in one group (axis 1) or in four consecutive
+// groups (axis 0). Each element rounds as `dequant_weight` does.
+fn gemm_decode_run(n: u32, k0: u32) -> array<f32, 4> {
+    let f = n * p.k + k0;
+    let slab = n / q.slab_rows;
+    let word = packed_word((f - slab * q.slab_len) >> 2u);
+    let shift = 8u - FIELD_BITS * (slab + 1u);
+    let mask = (1u << FIELD_BITS) - 1u;
+    let g0 = hqq_group(f);
+    var w: array<f32, 4>;
+    for (var i = 0u; i < 4u; i++) {
+        var g = g0;
+        if (q.axis == 0u) {
+            g += i;
+        }
+        let code = (word >> (8u * i + shift)) & mask;
+        w[i] = to_compute(to_compute(f32(code) - group_zero(g)) * group_scale(g));
+    }
+    return w;
+}
+#endif

@@ -1,7 +1,8 @@
 //! The quantized matmul family (`shaders/quant_*.wgsl`), shared by every format: a weight stays
 //! packed on the GPU and each kernel decodes it in registers through the format's
-//! `dequant_weight(n, k)` (`shaders/formats/<format>.wgsl`), or in the GEMV a packed word at a
-//! time where the format provides `gemv_unit` and the weight's shape allows it.
+//! `dequant_weight(n, k)` (`shaders/formats/<format>.wgsl`), or a packed word at a time where
+//! the format provides `gemv_unit` (GEMV) or `gemm_decode_run` (tiled GEMM) and the weight's
+//! shape allows it.
 
 use crate::error::{Error, Result};
 use crate::formats::split::{RowSplit, plan_row_splits};
@@ -49,6 +50,10 @@ struct MatmulParams {
     pad: u32,
 }
 
+/// Formats whose shader provides the tiled GEMM's word decoder `gemm_decode_run`; the others
+/// stage their weight an element at a time through `dequant_weight`.
+const GEMM_WORD_FORMATS: [&str; 1] = ["HQQ"];
+
 /// Which format's decoder a specialization includes, and its constants.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct FormatShader {
@@ -90,11 +95,18 @@ impl FormatShader {
         with_fused_flags(key, oft, lora)
     }
 
+    /// The tiled GEMM decodes a packed word per run of inputs (`GEMM_WORDS`): the format's
+    /// shader has `gemm_decode_run` and this weight's layout allows word decoding.
+    fn gemm_words(&self) -> bool {
+        self.word_units && GEMM_WORD_FORMATS.contains(&self.flag)
+    }
+
     fn gemm_key(&self, act: ActDtype, block: u32, lora: Option<EpilogueKind>) -> ShaderKey {
         let key = self
             .key("quant_gemm", act)
             .constant("TILE", GEMM_TILE)
-            .constant("BLOCK", block);
+            .constant("BLOCK", block)
+            .flag("GEMM_WORDS", self.gemm_words());
         with_fused_flags(key, false, lora)
     }
 
@@ -270,6 +282,12 @@ impl GpuQuantWeight {
         self.slices
             .iter()
             .all(|s| s.shader.word_units || s.grouped.is_some())
+    }
+
+    /// Whether the tiled GEMM stages this weight a packed word at a time (in every row slice)
+    /// rather than an element at a time.
+    pub fn gemm_decodes_words(&self) -> bool {
+        self.slices.iter().all(|s| s.shader.gemm_words())
     }
 
     /// The format specialization of the first row slice, e.g. `HQQ FIELD_BITS=4 COMPUTE=0
