@@ -22,7 +22,6 @@ use crate::kernels::lora::GpuLora;
 use crate::kernels::merge::{self, MergeDelta};
 use crate::kernels::mixed::{self, GpuMixedAdapters, MixedSlot};
 use crate::kernels::oft::GpuOft;
-use crate::kernels::quant::GEMV_ROWS_PER_WORKGROUP;
 use crate::kernels::quant::GpuQuantWeight;
 use crate::kernels::{Dispatch, MatmulPath};
 use crate::tensor::Matrix;
@@ -553,10 +552,20 @@ impl QuantLinear {
         let oft_wanted = oft.is_some_and(|oft| {
             let prologue = oft.prologue();
             let k = self.base.in_features();
+            // Every workgroup along N rotates x (its own K-slice of it, where K is split), so
+            // the rotation is redone once per tile of outputs the fused GEMV would run with.
+            let fused = Fused {
+                oft: Some(prologue),
+                lora: None,
+            };
+            let outputs_per_tile = gpu
+                .base
+                .gemv_default(&gpu.ctx, rows, &fused)
+                .rows_per_workgroup;
             oft_prologue_fits(rows, k, prologue.block_size)
                 && (self.fusion == Fusion::Always
                     || oft_prologue_pays(
-                        self.base.out_features().div_ceil(GEMV_ROWS_PER_WORKGROUP),
+                        self.base.out_features().div_ceil(outputs_per_tile as usize),
                         rows,
                         k,
                         prologue.block_size,

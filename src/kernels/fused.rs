@@ -214,13 +214,13 @@ const LAUNCH_SECONDS: f64 = 2.0e-6;
 const READ_BYTES_PER_SECOND: f64 = 3.0e12;
 const FMA_PER_SECOND: f64 = 18.0e12;
 
-/// Whether rotating x inside every GEMV workgroup costs less than a launch of its own: each of
-/// `workgroups` re-reads the blocks it needs and redoes `m·k·b` multiply-adds, where the separate
-/// launch does them once.
-pub fn oft_prologue_pays(workgroups: usize, m: usize, k: usize, b: usize, shared: bool) -> bool {
+/// Whether rotating x inside the GEMV's workgroups costs less than a launch of its own: each of
+/// `tiles` tiles of outputs (its workgroups together, one per slice of K where K is split)
+/// re-reads the blocks and redoes `m·k·b` multiply-adds, where the separate launch does them once.
+pub fn oft_prologue_pays(tiles: usize, m: usize, k: usize, b: usize, shared: bool) -> bool {
     let block_bytes = if shared { b * b * 4 } else { k * b * 4 };
-    let extra_bytes = (workgroups.saturating_sub(1) * block_bytes) as f64;
-    let extra_fma = (workgroups.saturating_sub(1) * m * k * b) as f64;
+    let extra_bytes = (tiles.saturating_sub(1) * block_bytes) as f64;
+    let extra_fma = (tiles.saturating_sub(1) * m * k * b) as f64;
     extra_bytes / READ_BYTES_PER_SECOND + extra_fma / FMA_PER_SECOND < LAUNCH_SECONDS
 }
 
