@@ -1,12 +1,13 @@
-"""Markdown table of two `quantadapt bench --json` reports of the same scale side by side.
+"""Markdown table of `quantadapt bench --json` reports of the same scale, before and after a change.
 
-    python3 benches/before_after.py BEFORE.json AFTER.json
+    python3 benches/before_after.py BEFORE.json AFTER.json [BEFORE2.json AFTER2.json ...] [--group base]
 
-For every item present in both (name, shape, M): % of the read roofline and % of the FMA ceiling
-before and after, each measured against the yardsticks of its own run, and the after/before
-ratio of those percentages (a ratio of ratios, so the noise of a shared CPU adapter between the
-two runs cancels as far as it hits the yardsticks alike). Bytes per weight come from the after
-report where it has them.
+Runs come in pairs (a before and an after run back to back). For every item present in all of
+them (name, shape, M): its % of the read roofline in each run, each measured against the
+yardsticks of its own run, and per pair the after / before ratio of those percentages (a ratio
+of ratios, so a shared CPU adapter's drift between runs cancels as far as it hits the yardsticks
+alike). `--group` keeps one group of items (base, layer, mixed). Bytes per weight come from the
+first after report.
 """
 import json
 import sys
@@ -21,35 +22,43 @@ def entries(path):
     }
 
 
-def pct(e, field):
-    v = e.get(field)
-    return "-" if v is None else f"{v:.2f}"
+def roofline(e):
+    return e.get("pct_read_roofline")
 
 
-def main(before_path, after_path):
-    before, old = entries(before_path)
-    after, new = entries(after_path)
-    print(f"- before: {before['date']}, `{before['command']}`")
-    print(f"- after: {after['date']}, `{after['command']}`")
-    print(f"- device: {after['device']}")
+def main(args):
+    group = None
+    if "--group" in args:
+        at = args.index("--group")
+        group = args[at + 1]
+        args = args[:at] + args[at + 2 :]
+    runs = [entries(p) for p in args]
+    pairs = [(runs[i], runs[i + 1]) for i in range(0, len(runs) - 1, 2)]
+    for n, ((before, _), (after, _)) in enumerate(pairs, 1):
+        print(f"- pair {n}: before `{before['command']}`; after `{after['command']}` ({after['date']}); "
+              f"read yardstick {before['read_gb_per_s']:.2f} / {after['read_gb_per_s']:.2f} GB/s")
+    print(f"- device: {runs[0][0]['device']}")
     print()
-    print("| item | shape | M | B/weight | % read roofline before | after | % FMA ceiling before | after | roofline after / before |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for key, e in new.items():
-        if key not in old:
+    head = ["item", "shape", "M", "B/weight"]
+    for n in range(1, len(pairs) + 1):
+        head += [f"% roofline before ({n})", f"after ({n})", f"after / before ({n})"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + " --- |" * len(head))
+    keys = [k for k in runs[1][1] if all(k in r[1] for r in runs)]
+    for key in keys:
+        first_after = runs[1][1][key]
+        if group and first_after["group"] != group:
             continue
-        o = old[key]
+        if any(roofline(r[1][key]) is None for r in runs):
+            continue
         name, out, inp, m = key
-        gain = "-"
-        if o.get("pct_read_roofline") and e.get("pct_read_roofline"):
-            gain = f"{e['pct_read_roofline'] / o['pct_read_roofline']:.2f}x"
-        bpw = e.get("bytes_per_weight")
-        bpw = "-" if bpw is None else f"{bpw:.3f}"
-        print(
-            f"| {name} | {out}x{inp} | {m} | {bpw} | {pct(o, 'pct_read_roofline')} | {pct(e, 'pct_read_roofline')} "
-            f"| {pct(o, 'pct_fma_ceiling')} | {pct(e, 'pct_fma_ceiling')} | {gain} |"
-        )
+        bpw = first_after.get("bytes_per_weight")
+        cells = [name, f"{out}x{inp}", str(m), "-" if bpw is None else f"{bpw:.3f}"]
+        for (_, old), (_, new) in pairs:
+            o, a = roofline(old[key]), roofline(new[key])
+            cells += [f"{o:.2f}", f"{a:.2f}", f"{a / o:.2f}x"]
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(sys.argv[1:])

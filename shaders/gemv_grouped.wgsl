@@ -162,15 +162,7 @@ fn write_output(tile: u32, split: u32, v: u32, sum: f32) {
 #ifdef SPLIT_OUT
     slices[(split * p.m + r) * p.n + n] = sum;
 #else
-    var bias_value = 0.0;
-    if (p.has_bias == 1u) {
-        bias_value = bias[n];
-    }
-    var out = sum + bias_value;
-#ifdef LORA_EPILOGUE
-    out = lora_epilogue(r, p.n_offset + n, out, bias_value);
-#endif
-    y[r * p.y_cols + p.n_offset + n] = Act(out);
+    store_output(r, n, sum);
 #endif
 }
 

@@ -25,13 +25,5 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     for (var s = 0u; s < p.split_k; s++) {
         sum += slices[(s * p.m + r) * p.n + n];
     }
-    var bias_value = 0.0;
-    if (p.has_bias == 1u) {
-        bias_value = bias[n];
-    }
-    var out = sum + bias_value;
-#ifdef LORA_EPILOGUE
-    out = lora_epilogue(r, p.n_offset + n, out, bias_value);
-#endif
-    y[r * p.y_cols + p.n_offset + n] = Act(out);
+    store_output(r, n, sum);
 }

@@ -26,15 +26,7 @@ fn gemm_weight_run(n: u32, k0: u32) -> array<f32, GEMM_RUN> {
 }
 
 fn gemm_store(row: u32, col: u32, acc: f32) {
-    var bias_value = 0.0;
-    if (p.has_bias == 1u) {
-        bias_value = bias[col];
-    }
-    var v = acc + bias_value;
-#ifdef LORA_EPILOGUE
-    v = lora_epilogue(row, p.n_offset + col, v, bias_value);
-#endif
-    y[row * p.y_cols + p.n_offset + col] = Act(v);
+    store_output(row, col, acc);
 }
 
 @compute @workgroup_size(TILE, TILE)

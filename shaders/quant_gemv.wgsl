@@ -118,16 +118,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             let r = lid % p.m;
             let n = gemv_row(tile, t);
             if (n < p.n) {
-                var v = partial[((t - t0) * MAX_M + r) * WG];
-                var bias_value = 0.0;
-                if (p.has_bias == 1u) {
-                    bias_value = bias[n];
-                }
-                v += bias_value;
-#ifdef LORA_EPILOGUE
-                v = lora_epilogue(r, p.n_offset + n, v, bias_value);
-#endif
-                y[r * p.y_cols + p.n_offset + n] = Act(v);
+                store_output(r, n, partial[((t - t0) * MAX_M + r) * WG]);
             }
         }
         workgroupBarrier();

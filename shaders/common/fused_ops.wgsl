@@ -5,7 +5,9 @@
 //     shrink, is added to the output before its single write (as `lora.wgsl`'s expand does);
 //     with PER_ROW_LORA each row's own adapter from a mixed batch's slot table instead (as
 //     `mixed_adapters.wgsl`'s expand does).
-// FUSED is on whenever either is.
+// FUSED is on whenever either is. `store_output` is every includer's single write of y (the
+// includer binds `bias` and `y`, except the split-K GEMV's first launch, SPLIT_OUT, which writes
+// partial sums instead).
 #ifdef FUSED
 struct FusedParams {
     oft_b: u32,
@@ -93,4 +95,20 @@ fn lora_epilogue(row: u32, col: u32, out: f32, bias_value: f32) -> f32 {
 }
 #endif
 #endif
+#endif
+
+#ifndef SPLIT_OUT
+// y[r, n] (n within this launch's slice of outputs) = acc + bias[n], plus the fused adapter's
+// term.
+fn store_output(r: u32, n: u32, acc: f32) {
+    var bias_value = 0.0;
+    if (p.has_bias == 1u) {
+        bias_value = bias[n];
+    }
+    var out = acc + bias_value;
+#ifdef LORA_EPILOGUE
+    out = lora_epilogue(r, p.n_offset + n, out, bias_value);
+#endif
+    y[r * p.y_cols + p.n_offset + n] = Act(out);
+}
 #endif
