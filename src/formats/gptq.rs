@@ -9,6 +9,7 @@
 
 mod config;
 mod fast;
+mod hqq_layout;
 mod load;
 mod packing;
 mod quantize;

@@ -259,7 +259,11 @@ impl GpuQuantWeight {
     fn upload_whole(ctx: &GpuContext, weight: &QuantWeight) -> Result<Self> {
         match weight {
             QuantWeight::Hqq(w) => Self::from_hqq(ctx, w),
-            QuantWeight::Gptq(w) => Self::from_gptq(ctx, w),
+            // HQQ's kernels serve GPTQ's 2/4/8-bit layers without act-order, bit for bit.
+            QuantWeight::Gptq(w) => match w.to_hqq_layout()? {
+                Some(hqq) => Self::from_hqq(ctx, &hqq),
+                None => Self::from_gptq(ctx, w),
+            },
             QuantWeight::Eetq(w) => Self::from_eetq(ctx, w),
         }
     }
