@@ -5,8 +5,9 @@
 //! everywhere, and [`GpuQuantWeight::prepare_gemv`] records one exact variant (for timing).
 //!
 //! It serves weights whose packed words run along K and whose groups hold whole 16-input units
-//! of one row: HQQ with byte-packed fields (8, 4, 2 bits), axis 1, `16 | group_size | K`; EETQ
-//! (repacked at load) where `64 | K`. Any other weight has one variant, [`LEGACY_GEMV`], the
+//! of one row: HQQ with byte-packed fields (8, 4, 2 bits), axis 1, `16 | group_size | K` (GPTQ's
+//! 2/4/8-bit layers without act-order too, uploaded in HQQ's layout); EETQ (repacked at load)
+//! where `64 | K`. Any other weight has one variant, [`LEGACY_GEMV`], the
 //! element- or word-at-a-time kernel of `quant_gemv.wgsl`.
 //!
 //! Rounding: the reference rounds each dequantized weight to the compute dtype where it is f16
