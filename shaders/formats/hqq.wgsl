@@ -111,6 +111,25 @@ fn dequant_weight(n: u32, k: u32) -> f32 {
     return to_compute(to_compute(f32(hqq_code(f)) - group_zero(g)) * group_scale(g));
 }
 
+// The weights of flat indices f..f+3 whose byte fields sit in slab s of `word` (8, 4 and 2 bits;
+// the four in one group on axis 1, in four consecutive groups on axis 0): the GEMV's and the
+// GEMM's word decoder.
+fn word_weights(word: u32, s: u32, f: u32) -> vec4<f32> {
+    let shift = 8u - FIELD_BITS * (s + 1u);
+    let mask = (1u << FIELD_BITS) - 1u;
+    let g0 = hqq_group(f);
+    var w: vec4<f32>;
+    for (var i = 0u; i < 4u; i++) {
+        var g = g0;
+        if (q.axis == 0u) {
+            g += i;
+        }
+        let code = (word >> (8u * i + shift)) & mask;
+        w[i] = to_compute(to_compute(f32(code) - group_zero(g)) * group_scale(g));
+    }
+    return w;
+}
+
 #ifdef WORD_UNITS
 // Word-at-a-time decoding for the GEMV, for byte-packed fields (8, 4 and 2 bits) where the host
 // checked that each slab holds whole rows of W, 16 | K, and a word's four elements share a group
@@ -128,23 +147,6 @@ fn gemv_row(tile: u32, t: u32) -> u32 {
         return p.n;
     }
     return (t / PACKED_ROWS) * q.slab_rows + pr;
-}
-
-// The weights of flat indices f..f+3 whose fields sit in slab s of `word`.
-fn word_weights(word: u32, s: u32, f: u32) -> vec4<f32> {
-    let shift = 8u - FIELD_BITS * (s + 1u);
-    let mask = (1u << FIELD_BITS) - 1u;
-    let g0 = hqq_group(f);
-    var w: vec4<f32>;
-    for (var i = 0u; i < 4u; i++) {
-        var g = g0;
-        if (q.axis == 0u) {
-            g += i;
-        }
-        let code = (word >> (8u * i + shift)) & mask;
-        w[i] = to_compute(to_compute(f32(code) - group_zero(g)) * group_scale(g));
-    }
-    return w;
 }
 
 // Adds x[r, k0..k0+15] · W[n, k0..k0+15] into acc[t * MAX_M + r] for n = gemv_row(tile, t).
@@ -191,19 +193,7 @@ fn gemv_unit(acc: ptr<function, array<f32, MAX_M * ROWS>>, tile: u32, k0: u32) {
 fn gemm_decode_run(n: u32, k0: u32) -> array<f32, 4> {
     let f = n * p.k + k0;
     let slab = n / q.slab_rows;
-    let word = packed_word((f - slab * q.slab_len) >> 2u);
-    let shift = 8u - FIELD_BITS * (slab + 1u);
-    let mask = (1u << FIELD_BITS) - 1u;
-    let g0 = hqq_group(f);
-    var w: array<f32, 4>;
-    for (var i = 0u; i < 4u; i++) {
-        var g = g0;
-        if (q.axis == 0u) {
-            g += i;
-        }
-        let code = (word >> (8u * i + shift)) & mask;
-        w[i] = to_compute(to_compute(f32(code) - group_zero(g)) * group_scale(g));
-    }
-    return w;
+    let w = word_weights(packed_word((f - slab * q.slab_len) >> 2u), slab, f);
+    return array<f32, 4>(w.x, w.y, w.z, w.w);
 }
 #endif
