@@ -6,7 +6,7 @@ use std::time::Instant;
 use crate::bench::plan::Plan;
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
-use crate::gpu::timing::{Trials, median, time_runs};
+use crate::gpu::timing::{Rotation, median, time_rotation};
 use crate::kernels::Dispatch;
 
 /// One timed item: GPU microseconds per run and how it was measured.
@@ -27,29 +27,20 @@ pub fn time_rotated(ctx: &GpuContext, plan: &Plan, copies: &[Vec<Dispatch>]) -> 
             "a timed item needs at least one copy of its launches",
         ));
     }
-    let record = |pass: &mut wgpu::ComputePass<'_>, run: usize| {
+    let rotation = Rotation {
+        trial_us: plan.trial_us,
+        max_runs: plan.max_runs,
+        trials: plan.trials,
+    };
+    let (us, runs_per_trial) = time_rotation(ctx, copies.len(), rotation, |pass, run| {
         copies[run % copies.len()]
             .iter()
             .for_each(|d| d.record(pass));
-    };
-    let rotation = Trials {
-        warmup: 0,
-        trials: 1,
-    };
-    let estimate = time_runs(ctx, copies.len(), rotation, record)?.max(1e-3);
-    let wanted = (plan.trial_us / estimate).ceil() as usize;
-    let runs = wanted
-        .min(plan.max_runs)
-        .next_multiple_of(copies.len())
-        .max(copies.len());
-    let trials = Trials {
-        warmup: plan.trials.warmup.saturating_sub(1),
-        trials: plan.trials.trials,
-    };
+    })?;
     Ok(Timed {
-        us: time_runs(ctx, runs, trials, record)?,
+        us,
         copies: copies.len(),
-        runs_per_trial: runs,
+        runs_per_trial,
     })
 }
 

@@ -86,6 +86,44 @@ pub fn time_runs(
     Ok(median(&time_pass(ctx, trials.trials, record)?) / runs as f64)
 }
 
+/// How a rotation over data copies is timed (see [`time_rotation`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rotation {
+    /// Each trial records whole rotations until it lasts about this long (GPU microseconds).
+    pub trial_us: f64,
+    /// The most runs one trial records, unless one rotation is longer.
+    pub max_runs: usize,
+    /// Trials run and dropped, the sizing rotation being the first, then trials kept.
+    pub trials: Trials,
+}
+
+/// GPU time of one run in microseconds, and the runs each trial recorded, where consecutive runs
+/// use consecutive copies of the data (`record_run(pass, i)` records run `i` on copy
+/// `i % copies`), so no run reads what the previous one left in a cache. The first warm-up trial
+/// is one rotation over every copy, which also sizes the others (see [`Rotation`]); the rest is
+/// [`time_runs`].
+pub fn time_rotation(
+    ctx: &GpuContext,
+    copies: usize,
+    rotation: Rotation,
+    record_run: impl Fn(&mut wgpu::ComputePass<'_>, usize),
+) -> Result<(f64, usize)> {
+    let once = Trials {
+        warmup: 0,
+        trials: 1,
+    };
+    let estimate = time_runs(ctx, copies, once, &record_run)?.max(1e-3);
+    let runs = ((rotation.trial_us / estimate).ceil() as usize)
+        .min(rotation.max_runs)
+        .next_multiple_of(copies)
+        .max(copies);
+    let trials = Trials {
+        warmup: rotation.trials.warmup.saturating_sub(1),
+        trials: rotation.trials.trials,
+    };
+    Ok((time_runs(ctx, runs, trials, record_run)?, runs))
+}
+
 /// The median of a non-empty sample.
 pub fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();

@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::formats::{QuantFormat, QuantWeight};
-use crate::gpu::timing::{Trials, time_runs};
+use crate::gpu::timing::{Rotation, Trials, time_rotation};
 use crate::gpu::{ActDtype, GpuContext, GpuTensor};
 use crate::kernels::Dispatch;
 use crate::kernels::fused::Fused;
@@ -16,13 +16,15 @@ use crate::tune::{DeviceKey, GemvKey, TuneCache, TuneEntry};
 const F32_TOLERANCE: f64 = 1e-4;
 /// The same with f16 activations.
 const F16_TOLERANCE: f64 = 5e-3;
-/// Each timed trial records runs until it lasts about this long (GPU microseconds).
-const TRIAL_US: f64 = 2000.0;
-/// The most runs one trial records.
-const MAX_RUNS: usize = 256;
-const TRIALS: Trials = Trials {
-    warmup: 1,
-    trials: 5,
+/// Trials of about 2 ms of GPU time (at most 256 runs); after the sizing rotation, one more
+/// warm-up trial, then the median of 5.
+const ROTATION: Rotation = Rotation {
+    trial_us: 2000.0,
+    max_runs: 256,
+    trials: Trials {
+        warmup: 2,
+        trials: 5,
+    },
 };
 
 /// How one candidate fared.
@@ -158,19 +160,10 @@ pub fn tune_gemv(
     })
 }
 
-/// GPU microseconds per launch, rotating over `launches` (one per weight copy): one rotation
-/// sizes the trials to about [`TRIAL_US`], then the median of the kept trials.
+/// GPU microseconds per launch, rotating over `launches` (one per weight copy).
 fn time_launches(ctx: &GpuContext, launches: &[Dispatch]) -> Result<f64> {
-    let record = |pass: &mut wgpu::ComputePass<'_>, run: usize| {
+    let (us, _) = time_rotation(ctx, launches.len(), ROTATION, |pass, run| {
         launches[run % launches.len()].record(pass);
-    };
-    let rotation = Trials {
-        warmup: 0,
-        trials: 1,
-    };
-    let estimate = time_runs(ctx, launches.len(), rotation, record)?.max(1e-3);
-    let runs = ((TRIAL_US / estimate).ceil() as usize)
-        .clamp(1, MAX_RUNS)
-        .next_multiple_of(launches.len());
-    time_runs(ctx, runs, TRIALS, record)
+    })?;
+    Ok(us)
 }
