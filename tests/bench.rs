@@ -216,9 +216,11 @@ fn tiny_suite_measures_every_item_with_ratios_from_the_same_run() {
                 e.pct_read_roofline.unwrap(),
                 100.0 * gbps / report.read_gb_per_s
             );
+            let gflops = e.flops / e.us / 1e3;
+            assert_relative_eq!(e.gflop_per_s.unwrap(), gflops);
             assert_relative_eq!(
                 e.pct_fma_ceiling.unwrap(),
-                100.0 * e.flops / e.us / 1e3 / report.fma_gflop_per_s
+                100.0 * gflops / report.fma_gflop_per_s
             );
             assert!(e.resident_bytes > 0 && e.resident_bytes < dense.resident_bytes);
             let weights = (shape.0 * shape.1) as f64;
