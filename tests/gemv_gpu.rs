@@ -10,6 +10,7 @@ use quantadapt::adapters::Adapter;
 use quantadapt::adapters::lora::LoraAdapter;
 use quantadapt::adapters::oft::{OftAdapter, Parameterization};
 use quantadapt::formats::eetq::EetqWeight;
+use quantadapt::formats::gptq::{GptqConfig, GptqWeight, GptqZeros};
 use quantadapt::formats::hqq::{ComputeDtype, HqqConfig, HqqWeight};
 use quantadapt::formats::{QuantFormat, QuantWeight};
 use quantadapt::gpu::{ActDtype, GpuContext, GpuTensor};
@@ -325,5 +326,53 @@ fn fused_oft_and_lora_on_split_k() {
         let y = layer.forward(&x).unwrap();
         let err = max_rel_error(&y.data, &expected.data);
         assert!(err <= 1e-4, "rows={rows}: {err}");
+    }
+}
+
+fn gptq(out: usize, inp: usize, bits: u32, group: Option<usize>, zeros: GptqZeros) -> GptqWeight {
+    let config = GptqConfig {
+        bits,
+        group_size: group,
+        sym: false,
+        desc_act: false,
+        zeros,
+    };
+    let mut w = GptqWeight::quantize_rtn(&random_matrix(out, inp, 0.05), config, None).unwrap();
+    w.bias = Some(random_matrix(1, out, 0.1).data);
+    w
+}
+
+/// GPTQ 2/4/8-bit layers without act-order upload in HQQ's layout and take the grouped GEMV:
+/// the same dequantized bits, every candidate on a small layer, and every row count at K = 4096.
+#[test]
+fn gptq_without_act_order_takes_the_grouped_gemv() {
+    let ctx = gpu();
+    for (bits, group, zeros) in [
+        (4, Some(128), GptqZeros::V1),
+        (2, Some(64), GptqZeros::V2),
+        (8, None, GptqZeros::V1),
+    ] {
+        let w = gptq(24, 512, bits, group, zeros);
+        let gw = GpuQuantWeight::upload(ctx, &QuantWeight::Gptq(w.clone())).unwrap();
+        assert_eq!(gw.dequantize(ctx).unwrap().data, w.dequantize().data);
+        let candidates = gw.gemv_candidates(ctx, 2, &Fused::default());
+        // The element / word kernel offers one variant; the grouped GEMV offers many.
+        assert!(candidates.len() > 1, "{bits}-bit: {candidates:?}");
+        let (x, expected) = input(&w, 2, ActDtype::F32);
+        for variant in candidates {
+            let case = format!("gptq {bits}-bit m=2");
+            check_variant(ctx, &gw, &x, &expected, ActDtype::F32, variant, &case);
+        }
+    }
+    let w = gptq(40, 4096, 4, Some(128), GptqZeros::V1);
+    let gw = GpuQuantWeight::upload(ctx, &QuantWeight::Gptq(w.clone())).unwrap();
+    for m in 1..=16 {
+        for act in common::act_dtypes(ctx) {
+            let (x, expected) = input(&w, m, act);
+            let default = gw.gemv_default(ctx, m, &Fused::default());
+            assert!(gw.gemv_candidates(ctx, m, &Fused::default()).len() > 1);
+            let case = format!("gptq 4-bit k=4096 m={m}");
+            check_variant(ctx, &gw, &x, &expected, act, default, &case);
+        }
     }
 }
